@@ -1,0 +1,22 @@
+"""Invertible building blocks and the memory-efficient engine (depends on torch only)."""
+
+from .actnorm import ActNorm, ChannelSplit
+from .base import InvertibleModule
+from .coupling import AdditiveCoupling, AffineCoupling
+from .engine import InvertibleSequential
+from .orthogonal import OrthogonalConv, orthogonal_matrix
+from .resampling import InvertibleDownsampling, InvertibleUpsampling, haar_matrix
+
+__all__ = [
+    "ActNorm",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "ChannelSplit",
+    "InvertibleDownsampling",
+    "InvertibleModule",
+    "InvertibleSequential",
+    "InvertibleUpsampling",
+    "OrthogonalConv",
+    "haar_matrix",
+    "orthogonal_matrix",
+]

@@ -1,0 +1,142 @@
+"""Orthogonal matrices from unconstrained parameters, and 1x1 orthogonal convolutions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .base import InvertibleModule, ParamGrads
+
+Parametrization = Literal["exp", "cayley", "householder"]
+PARAMETRIZATIONS: tuple[str, ...] = ("exp", "cayley", "householder")
+
+
+def orthogonal_matrix(theta: Tensor, parametrization: Parametrization) -> Tensor:
+    """Map unconstrained parameters to orthogonal matrices, batched over leading dimensions.
+
+    - ``"exp"``: ``theta (..., n, n)``; ``W = exp(S)`` with ``S = theta - theta^T`` (in SO(n)).
+    - ``"cayley"``: ``theta (..., n, n)``; ``W = (I - S)^{-1} (I + S)``.
+    - ``"householder"``: ``theta (..., k, n)``, one vector per reflection;
+      ``W = H(v_1) ... H(v_k)`` with ``H(v) = I - 2 v v^T / (v^T v)``.
+
+    All three give the identity for the parameters of :func:`initial_parameters`.
+    """
+    if parametrization == "householder":
+        n = theta.shape[-1]
+        w = torch.eye(n, dtype=theta.dtype, device=theta.device).expand(*theta.shape[:-2], n, n)
+        for i in range(theta.shape[-2]):
+            v = theta[..., i, :]
+            wv = (w @ v.unsqueeze(-1)) * (2.0 / (v * v).sum(-1))[..., None, None]
+            w = w - wv @ v.unsqueeze(-2)
+        return w
+    skew = theta - theta.mT
+    if parametrization == "exp":
+        return torch.linalg.matrix_exp(skew)
+    if parametrization == "cayley":
+        eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
+        return torch.linalg.solve(eye - skew, eye + skew)
+    raise ValueError(f"unknown parametrization {parametrization!r}; choose from {PARAMETRIZATIONS}")
+
+
+def orthogonal_weight(theta: Tensor, parametrization: Parametrization) -> Tensor:
+    """:func:`orthogonal_matrix` evaluated in float64 and returned in ``theta``'s dtype.
+
+    The matrices are small, so the extra precision costs nothing measurable and keeps
+    ``W W^T = I`` to the rounding of ``theta``'s dtype, which exact inversion relies on.
+    """
+    with torch.autocast(theta.device.type, enabled=False):
+        return orthogonal_matrix(theta.double(), parametrization).to(theta.dtype)
+
+
+def initial_parameters(
+    batch: Sequence[int], n: int, parametrization: Parametrization, random: bool = False
+) -> Tensor:
+    """Parameters for :func:`orthogonal_matrix`: the identity, or a random rotation.
+
+    Householder vectors come in equal pairs (``H(v) H(v) = I``) for the identity; the
+    random variants draw from the global torch RNG, like ``nn.Linear``'s init.
+    """
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(
+            f"unknown parametrization {parametrization!r}; choose from {PARAMETRIZATIONS}"
+        )
+    if parametrization == "householder":
+        k = n + n % 2
+        if random:
+            return torch.randn(*batch, k, n)
+        return torch.randn(*batch, k // 2, n).repeat_interleave(2, dim=-2)
+    if random:
+        return torch.randn(*batch, n, n) / n**0.5
+    return torch.zeros(*batch, n, n)
+
+
+class OrthogonalConv(InvertibleModule):
+    """1x1 orthogonal channel mixing ``y[:, i] = sum_j W[i, j] x[:, j]`` for 1D/2D/3D inputs.
+
+    ``W = P(theta)`` with ``P`` the chosen parametrization (see :func:`orthogonal_matrix`),
+    starting at a random rotation as in Glow (``init="random"``) or at the identity. It is
+    orthogonal to the precision of ``theta`` whatever the values of ``theta``, so
+    the inverse and the input gradient both apply ``W^T`` and the log-det is 0; the
+    memory-efficient backward uses that transpose instead of recomputing anything.
+    Mixing runs in the input's precision with autocast off, so an fp32 state stays exact.
+
+    Args:
+        channels: number of channels ``C``.
+        parametrization: ``"exp"``, ``"cayley"`` or ``"householder"``.
+        init: ``"random"`` or ``"identity"``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        parametrization: Parametrization = "exp",
+        init: Literal["random", "identity"] = "random",
+    ):
+        super().__init__()
+        if init not in ("random", "identity"):
+            raise ValueError(f"unknown init {init!r}; choose 'random' or 'identity'")
+        self.channels = channels
+        self.parametrization = parametrization
+        theta = initial_parameters((), channels, parametrization, random=init == "random")
+        self.theta = nn.Parameter(theta)
+
+    def weight(self) -> Tensor:
+        """The current orthogonal matrix ``W`` of shape ``(C, C)``."""
+        return orthogonal_weight(self.theta, self.parametrization)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _mix_channels(x, self.weight())
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return _mix_channels(y, self.weight().mT)
+
+    def backward_pass(
+        self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor, ParamGrads]:
+        with torch.enable_grad():
+            w = self.weight()
+        w_t = w.detach().mT
+        x = _mix_channels(y, w_t)
+        grad_x = _mix_channels(grad_y, w_t)
+        # dL/dW = sum over batch and positions of grad_y x^T; then through the parametrization.
+        grad_w = torch.einsum("bin,bjn->ij", _flat(grad_y), _flat(x)).to(w.dtype)
+        grads = torch.autograd.grad(w, params, grad_w, allow_unused=True) if params else ()
+        return x, grad_x, list(grads)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, parametrization={self.parametrization!r}"
+
+
+def _mix_channels(x: Tensor, w: Tensor) -> Tensor:
+    """``y[:, i] = sum_j w[i, j] x[:, j]`` for ``x`` of shape ``(B, C, *spatial)``."""
+    if x.ndim < 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"expected input of shape (B, {w.shape[1]}, ...), got {tuple(x.shape)}")
+    with torch.autocast(x.device.type, enabled=False):
+        return (w.to(x.dtype) @ _flat(x)).view(x.shape)
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1)

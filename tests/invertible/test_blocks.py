@@ -1,0 +1,190 @@
+"""Each block: inverse, log-det and memory-efficient gradients against independent oracles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medinv.invertible import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    ChannelSplit,
+    InvertibleDownsampling,
+    InvertibleSequential,
+    InvertibleUpsampling,
+    OrthogonalConv,
+    haar_matrix,
+    orthogonal_matrix,
+)
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+SHAPE = {1: (8,), 2: (4, 6), 3: (4, 2, 4)}
+
+
+def _conv(dim, c_in, c_out):
+    return nn.Sequential(CONV[dim](c_in, 6, 3, padding=1), nn.Tanh(), CONV[dim](6, c_out, 1))
+
+
+def _perturb(module):
+    """Move every parameter off its initial value so no block is tested at the identity."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return module
+
+
+BLOCKS = {
+    "additive": lambda d: AdditiveCoupling(_conv(d, 2, 2)),
+    "additive_fg": lambda d: AdditiveCoupling(_conv(d, 1, 3), _conv(d, 3, 1), split=1),
+    "affine": lambda d: AffineCoupling(_conv(d, 2, 4)),
+    "actnorm": lambda d: ActNorm(4),
+    "orthogonal_exp": lambda d: OrthogonalConv(4, "exp"),
+    "orthogonal_cayley": lambda d: OrthogonalConv(4, "cayley"),
+    "orthogonal_householder": lambda d: OrthogonalConv(4, "householder"),
+    "down_haar": lambda d: InvertibleDownsampling(4, 2, dim=d, init="haar"),
+    "down_random_anisotropic": lambda d: InvertibleDownsampling(
+        4, (2,) + (1,) * (d - 1), dim=d, init="random", parametrization="cayley"
+    ),
+    "up_pixel_shuffle": lambda d: InvertibleUpsampling(4 * 2**d, 2, dim=d, init="pixel_shuffle"),
+}
+
+
+def _input(name, dim, batch=2):
+    channels = 4 * 2**dim if name.startswith("up") else 4
+    shape = SHAPE[dim] if not name.startswith("up") else tuple(s // 2 for s in SHAPE[dim])
+    return torch.randn(batch, channels, *shape, dtype=torch.float64)
+
+
+def _block(name, dim):
+    torch.manual_seed(0)
+    return _perturb(BLOCKS[name](dim).double())
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("name", BLOCKS)
+def test_round_trip(name, dim):
+    block = _block(name, dim)
+    x = _input(name, dim)
+    with torch.no_grad():
+        torch.testing.assert_close(block.inverse(block(x)), x, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("name", BLOCKS)
+def test_block_backward_matches_autograd_float64(name, dim):
+    block = _block(name, dim)
+    x = _input(name, dim).requires_grad_()
+    results = []
+    for memory_efficient in (False, True):
+        chain = InvertibleSequential(block, memory_efficient=memory_efficient)
+        y, log_det = chain.forward_and_log_det(x)
+        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        loss = (weights * y).sum() + (y**2).sum() + (log_det * torch.arange(1.0, 3.0)).sum()
+        results.append(torch.autograd.grad(loss, [x, *block.parameters()]))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_log_det_equals_log_abs_det_of_the_jacobian(name):
+    block = _block(name, 1)
+    x = _input(name, 1, batch=1)
+    jacobian = torch.autograd.functional.jacobian(block, x).reshape(x.numel(), x.numel())
+    _, expected = torch.linalg.slogdet(jacobian)
+    torch.testing.assert_close(block.log_det(x), expected.reshape(1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("parametrization", ["exp", "cayley", "householder"])
+def test_parametrizations_are_orthogonal(parametrization):
+    torch.manual_seed(0)
+    conv = _perturb(OrthogonalConv(32, parametrization))
+    w = conv.weight()
+    torch.testing.assert_close(w @ w.T, torch.eye(32), rtol=0, atol=1e-6)
+    down = _perturb(InvertibleDownsampling(3, (2, 2, 2), dim=3, parametrization=parametrization))
+    k = down.kernel().reshape(3, 8, 8)
+    torch.testing.assert_close(k @ k.mT, torch.eye(8).expand(3, 8, 8), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["random", "identity"])
+def test_identity_init_and_random_init(init):
+    torch.manual_seed(0)
+    w = OrthogonalConv(6, "householder", init=init).weight()
+    is_identity = torch.allclose(w, torch.eye(6), atol=1e-6)
+    assert is_identity == (init == "identity")
+
+
+def test_haar_init_is_the_2d_haar_transform():
+    x = torch.randn(2, 3, 8, 6)
+    y = InvertibleDownsampling(3, 2, dim=2, init="haar")(x)
+    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
+    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+    subbands = [(a + b + c + d) / 2, (a - b + c - d) / 2, (a + b - c - d) / 2, (a - b - c + d) / 2]
+    expected = torch.stack(subbands, dim=2).reshape(2, 12, 4, 3)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_haar_init_1d_and_anisotropic_3d():
+    x = torch.randn(1, 2, 6)
+    y = InvertibleDownsampling(2, 2, dim=1, init="haar")(x)
+    lo, hi = (x[..., 0::2] + x[..., 1::2]) / math.sqrt(2), (x[..., 0::2] - x[..., 1::2]) / math.sqrt(2)
+    torch.testing.assert_close(y, torch.stack([lo, hi], 2).reshape(1, 4, 3), rtol=1e-6, atol=1e-6)
+    v = torch.randn(1, 1, 4, 3, 2)
+    y3 = InvertibleDownsampling(1, (2, 1, 2), dim=3, init="haar")(v)
+    assert y3.shape == (1, 4, 2, 3, 1)
+    torch.testing.assert_close(haar_matrix((2, 1, 2)), haar_matrix((2, 2)))
+    with pytest.raises(ValueError, match="strides of 1 or 2"):
+        InvertibleDownsampling(1, 3, dim=2, init="haar")
+
+
+def test_pixel_shuffle_init_is_pixel_unshuffle():
+    x = torch.randn(2, 3, 6, 4)
+    down = InvertibleDownsampling(3, 2, dim=2, init="pixel_shuffle")
+    torch.testing.assert_close(down(x), F.pixel_unshuffle(x, 2), rtol=0, atol=0)
+    up = InvertibleUpsampling(12, 2, dim=2, init="pixel_shuffle")
+    torch.testing.assert_close(up(down(x)), x, rtol=0, atol=0)
+
+
+def test_orthogonal_matrix_rejects_unknown_parametrization():
+    with pytest.raises(ValueError, match="unknown parametrization"):
+        orthogonal_matrix(torch.zeros(2, 2), "qr")
+
+
+def test_resampling_reports_bad_shapes():
+    with pytest.raises(ValueError, match="not divisible by stride"):
+        InvertibleDownsampling(2, 2, dim=2)(torch.randn(1, 2, 5, 4))
+    with pytest.raises(ValueError, match=r"expects a high-resolution input of shape \(B, 2"):
+        InvertibleDownsampling(2, 2, dim=2)(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="not divisible by prod"):
+        InvertibleUpsampling(6, 2, dim=2)
+
+
+def test_actnorm_data_dependent_init_normalises_the_first_batch():
+    x = 3.0 + 2.0 * torch.randn(16, 4, 8, 8)
+    y = ActNorm(4).train()(x)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(y.std((0, 2, 3), unbiased=False), torch.ones(4), rtol=0, atol=1e-4)
+
+
+def test_affine_scale_is_bounded_by_clamp():
+    net = nn.Conv1d(2, 4, 1)
+    with torch.no_grad():
+        net.bias.fill_(100.0)
+    block = AffineCoupling(net, clamp=1.5)
+    x = torch.randn(1, 4, 5)
+    assert block.log_det(x).item() == pytest.approx(1.5 * 10, rel=1e-6)
+    torch.testing.assert_close(block.inverse(block(x)), x)
+
+
+def test_channel_split_round_trip_shares_storage():
+    x = torch.randn(2, 7, 3)
+    parts = ChannelSplit([3, 4])(x)
+    assert [p.shape[1] for p in parts] == [3, 4]
+    assert all(p.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for p in parts)
+    torch.testing.assert_close(ChannelSplit([3, 4]).inverse(*parts), x)
+    with pytest.raises(ValueError, match="do not add up"):
+        ChannelSplit([3, 3])(x)

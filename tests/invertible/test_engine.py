@@ -1,0 +1,225 @@
+"""The engine against plain autograd over the same modules (the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medinv.invertible import AdditiveCoupling, InvertibleSequential
+
+from .chains import CountingConv, additive_chain, coupling_functions, mixed_chain
+
+
+def assert_close64(actual, expected):
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-10 * max(scale, 1.0))
+
+
+def gradients(chain, x, with_log_det=True, seed=123):
+    torch.manual_seed(seed)
+    if with_log_det:
+        y, log_det = chain.forward_and_log_det(x)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum()
+        loss = loss + (y**2).mean() + log_det.sum()
+    else:
+        y = chain(x)
+        loss = (y**2).mean() + y.sum()
+    params = list(chain.parameters())
+    inputs = [x, *params] if x.requires_grad else params
+    return y.detach(), torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("with_log_det", [False, True])
+def test_backward_matches_autograd_float64_deep_mixed_chain(with_log_det):
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for memory_efficient in (False, True):
+        chain = mixed_chain(32, memory_efficient).double()
+        results.append(gradients(chain, x, with_log_det))
+    (y_ref, g_ref), (y_me, g_me) = results
+    assert len(mixed_chain(32, True).leaf_blocks()) >= 30
+    assert_close64(y_me, y_ref)
+    for got, want in zip(g_me, g_ref, strict=True):
+        assert_close64(got, want)
+
+
+def test_round_trip_deep_mixed_chain():
+    chain = mixed_chain(32, True).double().eval()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close64(chain.inverse(chain(x)), x)
+
+
+def test_leaf_input_gradient_is_not_accumulated_twice():
+    grads = []
+    for memory_efficient in (False, True):
+        torch.manual_seed(5)
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+        chain = additive_chain(6, memory_efficient).double()
+        chain(x).square().sum().backward()
+        grads.append(x.grad)
+    assert_close64(grads[1], grads[0])
+
+
+def test_relu_before_chain_and_input_untouched():
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for memory_efficient in (False, True):
+        chain = additive_chain(5, memory_efficient).double()
+        x = torch.relu(x0)
+        copy, version, ptr = x.detach().clone(), x._version, x.untyped_storage().nbytes()
+        loss = chain(x).square().sum()
+        (g,) = torch.autograd.grad(loss, [x0])
+        # The caller's tensor is still readable, unchanged, and its storage intact.
+        assert x._version == version and x.untyped_storage().nbytes() == ptr
+        torch.testing.assert_close(x.detach(), copy, rtol=0, atol=0)
+        results.append(g)
+    assert_close64(results[1], results[0])
+
+
+def test_input_without_grad_gives_parameter_gradients():
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    (_, ref), (_, got) = (gradients(mixed_chain(10, me).double(), x) for me in (False, True))
+    for a, b in zip(got, ref, strict=True):
+        assert_close64(a, b)
+
+
+def test_each_coupling_function_runs_once_per_backward():
+    chain = mixed_chain(14, True)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    y = chain(x)
+    functions = coupling_functions(chain)
+    assert functions and all(f.calls == 1 for f in functions)
+    y.sum().backward()
+    assert all(f.calls == 2 for f in functions)
+
+
+def test_batchnorm_statistics_update_once_per_step():
+    x = torch.randn(4, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    buffers = []
+    for memory_efficient in (False, True):
+        chain = mixed_chain(8, memory_efficient).double().train()
+        chain(x).square().sum().backward()
+        buffers.append([b.clone() for b in chain.buffers()])
+    assert len(buffers[0]) > 0
+    for got, want in zip(buffers[1], buffers[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+
+
+def test_dropout_replays_its_rng_state_in_the_recompute():
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for memory_efficient in (False, True):
+        chain = mixed_chain(8, memory_efficient, dropout=0.5).double().train()
+        results.append(gradients(chain, x, with_log_det=False, seed=7))
+    for got, want in zip(results[1][1], results[0][1], strict=True):
+        assert_close64(got, want)
+    # The replay must not disturb the caller's RNG stream.
+    torch.manual_seed(3)
+    chain = mixed_chain(4, True, dropout=0.5)
+    torch.manual_seed(3)
+    y = chain(x.float())
+    after_forward = torch.rand(3)
+    torch.manual_seed(3)
+    y = chain(x.float())
+    y.sum().backward()
+    torch.testing.assert_close(torch.rand(3), after_forward)
+
+
+def test_gradient_hooks_fire_once():
+    counts = []
+    for memory_efficient in (False, True):
+        chain = additive_chain(4, memory_efficient)
+        x = torch.randn(2, 4, 8, 8, requires_grad=True)
+        calls = {"x": 0, "params": 0}
+        x.register_hook(lambda g: calls.__setitem__("x", calls["x"] + 1))
+        for p in chain.parameters():
+            p.register_hook(lambda g: calls.__setitem__("params", calls["params"] + 1))
+        chain(x).sum().backward()
+        counts.append(calls)
+    assert counts[1] == counts[0] == {"x": 1, "params": len(list(chain.parameters()))}
+
+
+def test_saved_activations_do_not_grow_with_depth():
+    def saved_bytes(depth, memory_efficient):
+        chain = additive_chain(depth, memory_efficient, channels=8)
+        x = torch.randn(2, 8, 16, 16, requires_grad=True)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = chain(x)
+        y.sum().backward()
+        params = sum(p.numel() * p.element_size() for p in chain.parameters())
+        return sum(storages.values()), params
+
+    efficient4, _ = saved_bytes(4, True)
+    efficient32, params32 = saved_bytes(32, True)
+    plain4, _ = saved_bytes(4, False)
+    plain32, _ = saved_bytes(32, False)
+    output_bytes = 2 * 8 * 16 * 16 * 4
+    assert efficient32 <= efficient4 + params32
+    assert efficient32 <= output_bytes
+    assert plain32 > 4 * plain4 > 4 * efficient32
+
+
+def test_autocast_is_honoured_in_the_recompute():
+    dtypes = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            out = self.conv(x)
+            dtypes.append(out.dtype)
+            return out
+
+    torch.manual_seed(0)
+    chain = InvertibleSequential(AdditiveCoupling(Probe()), AdditiveCoupling(Probe()))
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = chain(x)
+    y.float().sum().backward()
+    assert dtypes == [torch.bfloat16] * 4
+    # The invertible state stays in the input's precision: fp32 in, fp32 gradient out.
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.float32
+    plain = InvertibleSequential(*chain.blocks, memory_efficient=False)
+    x_ref = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain(x_ref).float().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_modifying_parameters_between_forward_and_backward_is_an_error():
+    chain = additive_chain(3, True)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    y = chain(x)
+    with torch.no_grad():
+        next(chain.parameters()).add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()
+
+
+def test_no_grad_forward_builds_no_graph():
+    chain = additive_chain(3, True)
+    with torch.no_grad():
+        y = chain(torch.randn(1, 4, 8, 8))
+    assert y.grad_fn is None
+
+
+def test_nested_chains_are_flattened():
+    inner = additive_chain(3, False)
+    outer = InvertibleSequential(inner, *additive_chain(2, False).blocks)
+    assert len(outer.leaf_blocks()) == 5
+
+
+def test_non_invertible_block_is_rejected():
+    with pytest.raises(TypeError, match="not an InvertibleModule"):
+        InvertibleSequential(nn.ReLU())
