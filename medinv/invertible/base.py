@@ -43,8 +43,9 @@ class InvertibleModule(nn.Module):
         """Reconstruct the input from the output and back-propagate through the block.
 
         Args:
-            y: the block's output (no graph attached).
-            grad_y: gradient of the loss with respect to ``y``.
+            y: the block's output (no graph attached). The engine owns it: the block may
+                overwrite it, e.g. to build the input in its storage.
+            grad_y: gradient of the loss with respect to ``y``; may be overwritten too.
             grad_log_det: gradient with respect to the block's log-det, ``(B,)``, or None
                 when the log-det is not part of the loss.
             params: the block's trainable parameters, in ``named_parameters()`` order, as

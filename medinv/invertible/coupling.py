@@ -50,39 +50,41 @@ class AdditiveCoupling(InvertibleModule):
     def backward_pass(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
+        # The engine owns y and grad_y, so the input and its gradient are built in their
+        # storage: no copy of the state per block.
         y1, y2 = split_channels(y, self.split)
         grad_y1, grad_y2 = split_channels(grad_y, self.split)
         grads: ParamGrads = [None] * len(params)
-        if self.g is None:
-            x1 = y1
-        else:
-            # y1 = x1 + g(y2): g's output reconstructs x1 and its graph carries grad_y1 to y2.
-            x1, grad_y2_via_g, grads = _undo_addition(self.g, y2, y1, grad_y1, params)
-            grad_y2 = grad_y2 + grad_y2_via_g
-        # y2 = x2 + f(x1): likewise for f.
-        x2, grad_x1_via_f, grads_f = _undo_addition(self.f, x1, y2, grad_y2, params)
-        grad_x1 = grad_y1 + grad_x1_via_f
-        return torch.cat([x1, x2], dim=1), torch.cat([grad_x1, grad_y2], dim=1), add_grads(
-            grads, grads_f
-        )
+        if self.g is not None:
+            # y1 = x1 + g(y2): g's output turns y1 into x1 and its graph takes grad_y1 to y2.
+            grads = _undo_addition(self.g, y2, y1, grad_y1, grad_y2, params)
+        # y2 = x2 + f(x1): f's output turns y2 into x2 and its graph takes grad_y2 to x1.
+        grads_f = _undo_addition(self.f, y1, y2, grad_y2, grad_y1, params)
+        return y, grad_y, add_grads(grads, grads_f)
 
 
 def _undo_addition(
-    fn: nn.Module, arg: Tensor, total: Tensor, grad_total: Tensor, params: Sequence[Tensor]
-) -> tuple[Tensor, Tensor, ParamGrads]:
-    """For ``total = rest + fn(arg)``: return ``rest`` and the gradients through ``fn``.
+    fn: nn.Module,
+    arg: Tensor,
+    total: Tensor,
+    grad_total: Tensor,
+    grad_arg: Tensor,
+    params: Sequence[Tensor],
+) -> ParamGrads:
+    """For ``total = rest + fn(arg)``, in place: ``total -> rest``, ``grad_arg += J^T grad_total``.
 
-    ``fn`` is evaluated once, with a graph; the result serves the reconstruction and the
-    vector-Jacobian product alike.
+    ``fn`` is evaluated once, with a graph; that evaluation serves the reconstruction and
+    the vector-Jacobian product alike. Returns the parameter gradients.
     """
-    arg = arg.detach().requires_grad_()
+    leaf = arg.detach().requires_grad_()
     with torch.enable_grad():
-        out = fn(arg)
-    rest = total - out.detach()
-    grad_arg, grads = vjp([out], [grad_total], arg, params)
-    if grad_arg is None:
-        grad_arg = torch.zeros_like(arg)
-    return rest, grad_arg, grads
+        out = fn(leaf)
+    grad_leaf, grads = vjp([out], [grad_total], leaf, params)
+    # Only now, with fn's graph released, may the storage that arg views be written.
+    total.sub_(out.detach())
+    if grad_leaf is not None:
+        grad_arg.add_(grad_leaf)
+    return grads
 
 
 class AffineCoupling(InvertibleModule):

@@ -181,6 +181,8 @@ class _ChainRun:
             )
         index = {id(p): i for i, p in enumerate(self.params)}
         grads: list[Tensor | None] = [None] * len(self.params)
+        # Blocks may overwrite what they are given; these copies are the engine's own.
+        y, grad_y = y.clone(), grad_y.clone()
         for k in reversed(range(len(self.blocks))):
             block = self.blocks[k]
             names = [n for n, p in block.named_parameters() if p.requires_grad]
@@ -196,8 +198,9 @@ class _ChainRun:
                 if g is not None:
                     i = index[id(p)]
                     grads[i] = g if grads[i] is None else grads[i] + g
-            y = x.to(self.input_dtypes[k])
-            grad_y = torch.zeros_like(y) if grad_x is None else grad_x.to(y.dtype)
+            # Contiguous, so that the next block may write into them in place.
+            y = x.to(self.input_dtypes[k]).contiguous()
+            grad_y = torch.zeros_like(y) if grad_x is None else grad_x.to(y.dtype).contiguous()
         return grad_y, grads
 
     @contextmanager

@@ -1,0 +1,79 @@
+"""Measurement helpers shared by the benchmarks (DESIGN.md, "Measuring")."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    step: Callable[[], None], device: torch.device, warmup: int = 3, repeats: int = 10
+) -> tuple[float, int | None]:
+    """Median seconds per call and minimum peak allocated bytes (CUDA only) over repeats.
+
+    The peak is reset before each call, so it is the step's own peak including what
+    persists between steps (parameters, gradients, optimizer state).
+    """
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times, peaks = [], []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated(device))
+    return statistics.median(times), (min(peaks) if peaks else None)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def header(device: torch.device, commit_id: str | None = None) -> str:
+    """The provenance block every committed result starts with."""
+    command = " ".join(["python", *sys.argv])
+    return "\n".join(
+        [
+            f"- device: {device_name(device)}",
+            f"- torch: {torch.__version__} (CUDA {torch.version.cuda})",
+            f"- commit: {commit_id or commit()}",
+            f"- command: `{command}`",
+            f"- date: {time.strftime('%Y-%m-%d')}",
+        ]
+    )
+
+
+def gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.3f}"
