@@ -44,32 +44,39 @@ def build(depth: int, channels: int, memory_efficient: bool) -> InvertibleSequen
     return InvertibleSequential(*blocks, memory_efficient=memory_efficient)
 
 
+def measure_mode(depth: int, memory_efficient: bool, args, device, x) -> dict:
+    chain = build(depth, args.channels, memory_efficient).to(device)
+    optimizer = torch.optim.Adam(chain.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        chain(x).square().mean().backward()
+        optimizer.step()
+
+    def no_grad_forward():
+        with torch.no_grad():
+            chain(x)
+
+    seconds, peak = measure(step, device, args.warmup, args.repeats)
+    # Parameters, gradients and Adam's two moments.
+    state = 4 * sum(p.numel() * p.element_size() for p in chain.parameters())
+    key = "efficient" if memory_efficient else "plain"
+    row = {
+        f"{key}_peak_GiB": gib(peak),
+        f"{key}_activation_GiB": gib(None if peak is None else peak - state),
+        f"{key}_step_ms": 1e3 * seconds,
+    }
+    if not memory_efficient:
+        forward_seconds, _ = measure(no_grad_forward, device, args.warmup, args.repeats)
+        row["floor_step_ms"] = 1e3 * (seconds + forward_seconds)
+    return row
+
+
 def run_depth(depth: int, args: argparse.Namespace, device: torch.device) -> dict:
     x = torch.randn(1, args.channels, args.size, args.size, device=device)
     row: dict = {"depth": depth}
     for memory_efficient in (False, True):
-        chain = build(depth, args.channels, memory_efficient).to(device)
-        optimizer = torch.optim.Adam(chain.parameters(), lr=1e-4)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            chain(x).square().mean().backward()
-            optimizer.step()
-
-        seconds, peak = measure(step, device, args.warmup, args.repeats)
-        state = sum(p.numel() * p.element_size() for p in chain.parameters()) * 4  # p, grad, Adam m, v
-        key = "efficient" if memory_efficient else "plain"
-        row[f"{key}_peak_GiB"] = gib(peak)
-        row[f"{key}_activation_GiB"] = gib(None if peak is None else peak - state)
-        row[f"{key}_step_ms"] = 1e3 * seconds
-        if not memory_efficient:
-            def no_grad_forward():
-                with torch.no_grad():
-                    chain(x)
-
-            forward_seconds, _ = measure(no_grad_forward, device, args.warmup, args.repeats)
-            row["floor_step_ms"] = 1e3 * (seconds + forward_seconds)
-        del chain, optimizer
+        row.update(measure_mode(depth, memory_efficient, args, device, x))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     row["efficient_vs_plain_time"] = row["efficient_step_ms"] / row["plain_step_ms"]
@@ -78,7 +85,9 @@ def run_depth(depth: int, args: argparse.Namespace, device: torch.device) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--depths", type=int, nargs="+", default=[5, 10, 20, 30])
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=512)
@@ -96,7 +105,8 @@ def main() -> None:
     flatness = activation.max() / activation.min() if activation.notna().all() else float("nan")
     text = "\n".join(
         [
-            f"# Engine memory: additive couplings on (1, {args.channels}, {args.size}, {args.size})",
+            "# Engine memory: additive couplings on "
+            f"(1, {args.channels}, {args.size}, {args.size})",
             "",
             header(device),
             "",

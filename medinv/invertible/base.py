@@ -100,7 +100,9 @@ def vjp(
 
 def add_grads(a: ParamGrads, b: Sequence[Tensor | None]) -> ParamGrads:
     """Sum two gradient lists entry by entry, treating None as zero."""
-    return [gb if ga is None else ga if gb is None else ga + gb for ga, gb in zip(a, b, strict=True)]
+    return [
+        gb if ga is None else ga if gb is None else ga + gb for ga, gb in zip(a, b, strict=True)
+    ]
 
 
 def split_channels(x: Tensor, first: int | None) -> tuple[Tensor, Tensor]:

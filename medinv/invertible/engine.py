@@ -50,15 +50,15 @@ class InvertibleSequential(InvertibleModule):
     """
 
     def __init__(
-        self, *blocks: InvertibleModule, memory_efficient: bool = True,
+        self,
+        *blocks: InvertibleModule,
+        memory_efficient: bool = True,
         preserve_rng_state: bool = True,
     ):
         super().__init__()
         for i, block in enumerate(blocks):
             if not isinstance(block, InvertibleModule):
-                raise TypeError(
-                    f"block {i} is a {type(block).__name__}, not an InvertibleModule"
-                )
+                raise TypeError(f"block {i} is a {type(block).__name__}, not an InvertibleModule")
         self.blocks = nn.ModuleList(blocks)
         self.memory_efficient = memory_efficient
         self.preserve_rng_state = preserve_rng_state
@@ -76,7 +76,8 @@ class InvertibleSequential(InvertibleModule):
         """The blocks in execution order, nested chains flattened."""
         leaves: list[InvertibleModule] = []
         for block in self.blocks:
-            leaves.extend(block.leaf_blocks() if isinstance(block, InvertibleSequential) else [block])
+            nested = isinstance(block, InvertibleSequential)
+            leaves.extend(block.leaf_blocks() if nested else [block])
         return leaves
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,8 +133,11 @@ class _AutocastState:
 
     @classmethod
     def capture(cls, device_type: str) -> _AutocastState:
-        return cls(device_type, torch.is_autocast_enabled(device_type),
-                   torch.get_autocast_dtype(device_type))
+        return cls(
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
 
     def enter(self) -> torch.autocast:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)

@@ -45,9 +45,10 @@ class _OrthogonalResampling(InvertibleModule):
     Per channel ``c`` an orthogonal matrix ``W_c = P(theta_c) H`` of size
     ``sigma = prod(stride)``, with ``P`` a parametrization starting at the identity and ``H``
     the Haar matrix (init ``"haar"``) or the identity (``"pixel_shuffle"``; ``"random"``
-    starts ``P`` at a random rotation instead). Its rows, reshaped to ``stride``, are the filters of a grouped
-    convolution with kernel = stride. Because the patches do not overlap and the filters are
-    orthonormal, the convolution is orthogonal and its inverse is the transposed convolution.
+    starts ``P`` at a random rotation instead). Its rows, reshaped to ``stride``, are the
+    filters of a grouped convolution with kernel = stride. Because the patches do not overlap
+    and the filters are orthonormal, the convolution is orthogonal and its inverse is the
+    transposed convolution.
     """
 
     def __init__(
@@ -114,9 +115,7 @@ class _OrthogonalResampling(InvertibleModule):
                 f"spatial size {tuple(x.shape[2:])} is not divisible by stride {self.stride}"
             )
 
-    def _kernel_grads(
-        self, params: Sequence[Tensor], high: Tensor, grad_low: Tensor
-    ) -> ParamGrads:
+    def _kernel_grads(self, params: Sequence[Tensor], high: Tensor, grad_low: Tensor) -> ParamGrads:
         """Gradients of the parameters given ``low = down(high)`` and ``dL/dlow``."""
         if not params:
             return []

@@ -131,7 +131,8 @@ def test_haar_init_is_the_2d_haar_transform():
 def test_haar_init_1d_and_anisotropic_3d():
     x = torch.randn(1, 2, 6)
     y = InvertibleDownsampling(2, 2, dim=1, init="haar")(x)
-    lo, hi = (x[..., 0::2] + x[..., 1::2]) / math.sqrt(2), (x[..., 0::2] - x[..., 1::2]) / math.sqrt(2)
+    lo = (x[..., 0::2] + x[..., 1::2]) / math.sqrt(2)
+    hi = (x[..., 0::2] - x[..., 1::2]) / math.sqrt(2)
     torch.testing.assert_close(y, torch.stack([lo, hi], 2).reshape(1, 4, 3), rtol=1e-6, atol=1e-6)
     v = torch.randn(1, 1, 4, 3, 2)
     y3 = InvertibleDownsampling(1, (2, 1, 2), dim=3, init="haar")(v)

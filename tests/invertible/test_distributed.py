@@ -24,11 +24,20 @@ def _model(memory_efficient: bool) -> InvertibleSequential:
     torch.manual_seed(0)
 
     def f(c_in, c_out):
-        return nn.Sequential(nn.Conv2d(c_in, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
-                             nn.Conv2d(8, c_out, 3, padding=1))
+        return nn.Sequential(
+            nn.Conv2d(c_in, 8, 3, padding=1),
+            nn.GroupNorm(2, 8),
+            nn.ReLU(),
+            nn.Conv2d(8, c_out, 3, padding=1),
+        )
 
-    blocks = [AdditiveCoupling(f(2, 2), f(2, 2)), OrthogonalConv(4), AffineCoupling(f(2, 4)),
-              InvertibleDownsampling(4, 2), OrthogonalConv(16, "householder")]
+    blocks = [
+        AdditiveCoupling(f(2, 2), f(2, 2)),
+        OrthogonalConv(4),
+        AffineCoupling(f(2, 4)),
+        InvertibleDownsampling(4, 2),
+        OrthogonalConv(16, "householder"),
+    ]
     return InvertibleSequential(*blocks, memory_efficient=memory_efficient).double()
 
 
