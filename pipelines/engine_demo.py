@@ -1,14 +1,15 @@
 """Train a small invertible denoiser on real T1 slices, with and without memory-efficient backprop.
 
-The network is fully invertible: two learnable orthogonal (Haar-initialised) downsamplings,
-``depth`` additive couplings with 1x1 orthogonal mixing, and the matching upsamplings. It is
+The network's body is one invertible chain: a learnable orthogonal (Haar-initialised)
+downsampling, ``depth`` additive couplings with 1x1 orthogonal mixing, and the matching
+upsampling, between a small projection in and out (as the iUNet wraps its core). It is
 trained for a few steps to remove Gaussian noise from axial slices of the ICBM 2009c T1
 template (fetched by ``medinv data fetch``), once with plain autograd and once with the
 memory-efficient engine, from the same initial weights and data. The two runs must give
 the same losses; what differs is the activation memory kept for backward, reported for
 several depths. Runs on the CPU in well under a minute.
 
-    python pipelines/engine_demo.py [--steps 30] [--depths 4 8 16 32]
+    python pipelines/engine_demo.py [--steps 100] [--depths 4 8 16 32]
 """
 
 from __future__ import annotations
@@ -56,19 +57,32 @@ def coupling_function(channels: int) -> nn.Module:
     )
 
 
-def denoiser(depth: int, memory_efficient: bool) -> InvertibleSequential:
-    torch.manual_seed(0)
-    body = []
-    for _ in range(depth):
-        body += [AdditiveCoupling(coupling_function(8)), OrthogonalConv(16)]
-    return InvertibleSequential(
-        InvertibleDownsampling(1, 2, dim=2, init="haar"),
-        InvertibleDownsampling(4, 2, dim=2, init="haar"),
-        *body,
-        InvertibleUpsampling(16, 2, dim=2, init="haar"),
-        InvertibleUpsampling(4, 2, dim=2, init="haar"),
-        memory_efficient=memory_efficient,
-    )
+class Denoiser(nn.Module):
+    """``x + out(body(in(x)))`` with an invertible body, as the iUNet wraps its core.
+
+    The 3x3 projection in and the zero-initialised 1x1 projection out are ordinary layers
+    that store only their inputs; the body is one invertible chain.
+    """
+
+    def __init__(self, depth: int, memory_efficient: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.project_in = nn.Conv2d(1, 4, 3, padding=1)
+        body = []
+        for _ in range(depth):
+            body += [AdditiveCoupling(coupling_function(8)), OrthogonalConv(16, init="identity")]
+        self.body = InvertibleSequential(
+            InvertibleDownsampling(4, 2, dim=2, init="haar"),
+            *body,
+            InvertibleUpsampling(16, 2, dim=2, init="haar"),
+            memory_efficient=memory_efficient,
+        )
+        self.project_out = nn.Conv2d(4, 1, 1)
+        nn.init.zeros_(self.project_out.weight)
+        nn.init.zeros_(self.project_out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project_out(self.body(self.project_in(x)))
 
 
 def stored_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -92,8 +106,8 @@ def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def train(memory_efficient: bool, depth: int, steps: int, train_set, test_set):
-    model = denoiser(depth, memory_efficient)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model = Denoiser(depth, memory_efficient)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     noise = torch.Generator().manual_seed(1)
     losses, start = [], time.perf_counter()
     for step in range(steps):
@@ -113,7 +127,7 @@ def train(memory_efficient: bool, depth: int, steps: int, train_set, test_set):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--depth", type=int, default=8, help="couplings in the trained model")
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
     args = parser.parse_args()
@@ -129,8 +143,8 @@ def main() -> None:
         memory.add_column(column, justify="right")
     x = train_set[:4]
     for depth in args.depths:
-        plain = stored_activation_bytes(denoiser(depth, False), x.clone())
-        efficient = stored_activation_bytes(denoiser(depth, True), x.clone())
+        plain = stored_activation_bytes(Denoiser(depth, False), x.clone())
+        efficient = stored_activation_bytes(Denoiser(depth, True), x.clone())
         memory.add_row(
             str(depth),
             f"{plain / 2**20:.1f}",
