@@ -333,9 +333,7 @@ def _download_deb(anatomy: AnatomySet, tmp: Path, report: StatusCallback) -> _So
     return _Source(deb, version, read)
 
 
-def _install(
-    anatomy: AnatomySet, source: _Source, directory: Path, report: StatusCallback
-) -> None:
+def _install(anatomy: AnatomySet, source: _Source, directory: Path, report: StatusCallback) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     files = {}
     for volume in anatomy.volumes:
