@@ -8,7 +8,7 @@ from torch import nn
 
 from medinv.invertible import AdditiveCoupling, InvertibleSequential
 
-from .chains import additive_chain, coupling_functions, mixed_chain
+from .chains import CountingConv, additive_chain, coupling_functions, mixed_chain
 
 
 def assert_close64(actual, expected):
@@ -223,3 +223,15 @@ def test_nested_chains_are_flattened():
 def test_non_invertible_block_is_rejected():
     with pytest.raises(TypeError, match="not an InvertibleModule"):
         InvertibleSequential(nn.ReLU())
+
+
+def test_shared_weights_across_blocks_match_autograd():
+    torch.manual_seed(0)
+    shared = AdditiveCoupling(CountingConv(2, 2), CountingConv(2, 2)).double()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for memory_efficient in (False, True):
+        chain = InvertibleSequential(shared, shared, shared, memory_efficient=memory_efficient)
+        results.append(gradients(chain, x, with_log_det=False))
+    for got, want in zip(results[1][1], results[0][1], strict=True):
+        assert_close64(got, want)
