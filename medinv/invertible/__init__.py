@@ -3,7 +3,7 @@
 from .actnorm import ActNorm, ChannelSplit
 from .base import InvertibleModule
 from .coupling import AdditiveCoupling, AffineCoupling
-from .engine import InvertibleSequential
+from .engine import ChannelSubset, InvertibleSequential
 from .orthogonal import OrthogonalConv, orthogonal_matrix
 from .resampling import InvertibleDownsampling, InvertibleUpsampling, haar_matrix
 
@@ -12,6 +12,7 @@ __all__ = [
     "AdditiveCoupling",
     "AffineCoupling",
     "ChannelSplit",
+    "ChannelSubset",
     "InvertibleDownsampling",
     "InvertibleModule",
     "InvertibleSequential",

@@ -34,7 +34,9 @@ class InvertibleSequential(InvertibleModule):
     """A chain of invertible blocks, trained with memory-efficient backpropagation.
 
     Args:
-        *blocks: :class:`InvertibleModule` instances; nested chains are flattened.
+        *blocks: :class:`InvertibleModule` instances. Nested chains and the inner chains of
+            :class:`ChannelSubset` blocks are flattened into this one; the outermost
+            chain's ``memory_efficient`` setting governs them all.
         memory_efficient: if True (default) store only the chain's output and recompute
             each block's input in backward; if False run plain autograd over the same
             modules (the reference the engine is tested against).
@@ -74,11 +76,14 @@ class InvertibleSequential(InvertibleModule):
 
     def leaf_blocks(self) -> list[InvertibleModule]:
         """The blocks in execution order, nested chains flattened."""
-        leaves: list[InvertibleModule] = []
+        return [item for item in self._program() if isinstance(item, InvertibleModule)]
+
+    def _program(self) -> list[_Step]:
+        """The flattened chain: blocks, and the set-aside/restore steps of channel subsets."""
+        program: list[_Step] = []
         for block in self.blocks:
-            nested = isinstance(block, InvertibleSequential)
-            leaves.extend(block.leaf_blocks() if nested else [block])
-        return leaves
+            program.extend(_flatten(block))
+        return program
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, with_log_det=False)
@@ -87,42 +92,122 @@ class InvertibleSequential(InvertibleModule):
         return self._run(x, with_log_det=True)
 
     def inverse(self, y: Tensor) -> Tensor:
-        for block in reversed(self.leaf_blocks()):
+        for block in reversed(self.blocks):
             y = block.inverse(y)
         return y
 
     def _run(self, x: Tensor, with_log_det: bool):
-        blocks = self.leaf_blocks()
-        params = _trainable_parameters(blocks)
+        program = self._program()
+        params = _trainable_parameters(program)
         needs_graph = torch.is_grad_enabled() and (x.requires_grad or bool(params))
-        if not (self.memory_efficient and needs_graph and blocks):
-            return _forward_blocks(blocks, x, with_log_det)
-        run = _ChainRun(blocks, params, with_log_det, self.preserve_rng_state)
+        if not (self.memory_efficient and needs_graph and program):
+            return _forward_program(program, x, with_log_det)
+        run = _ChainRun(program, params, with_log_det, self.preserve_rng_state)
         return _ChainFunction.apply(x, run, *params)
 
     def extra_repr(self) -> str:
         return f"memory_efficient={self.memory_efficient}"
 
 
-def _trainable_parameters(blocks: list[InvertibleModule]) -> list[nn.Parameter]:
+class ChannelSubset(InvertibleModule):
+    """Apply an invertible ``inner`` module to all channels but the first ``keep``.
+
+    ``y = cat(x[:, :keep], inner(x[:, keep:]))``. The kept channels wait, untouched, while
+    ``inner`` runs, which is how skip connections enter a chain: a U-Net level is
+    ``ChannelSubset(InvertibleSequential(down, deeper_levels, up), keep=skip_channels)``.
+    Inside an :class:`InvertibleSequential` the inner blocks join the outer chain, so the
+    whole U-Net stores only its output.
+    """
+
+    def __init__(self, inner: InvertibleModule, keep: int):
+        super().__init__()
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        self.inner = inner
+        self.keep = keep
+
+    def _check(self, x: Tensor) -> None:
+        if x.ndim < 2 or x.shape[1] <= self.keep:
+            raise ValueError(
+                f"ChannelSubset keeps {self.keep} channels and needs more, got {tuple(x.shape)}"
+            )
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(x)
+        y, log_det = self.inner.forward_and_log_det(x[:, self.keep :])
+        return torch.cat([x[:, : self.keep], y], dim=1), log_det
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return torch.cat([x[:, : self.keep], self.inner(x[:, self.keep :])], dim=1)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        self._check(y)
+        return torch.cat([y[:, : self.keep], self.inner.inverse(y[:, self.keep :])], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}"
+
+
+@dataclass(frozen=True)
+class _SetAside:
+    """Program step: move the first ``keep`` channels onto the side stack."""
+
+    keep: int
+
+
+@dataclass(frozen=True)
+class _Restore:
+    """Program step: put the top of the side stack back in front (``keep`` channels)."""
+
+    keep: int
+
+
+_Step = InvertibleModule | _SetAside | _Restore
+
+
+def _flatten(block: InvertibleModule) -> list[_Step]:
+    if isinstance(block, InvertibleSequential):
+        return block._program()
+    if isinstance(block, ChannelSubset):
+        return [_SetAside(block.keep), *_flatten(block.inner), _Restore(block.keep)]
+    return [block]
+
+
+def _trainable_parameters(program: list[_Step]) -> list[nn.Parameter]:
     seen: dict[int, nn.Parameter] = {}
-    for block in blocks:
-        for p in block.parameters():
-            if p.requires_grad:
-                seen.setdefault(id(p), p)
+    for block in program:
+        if isinstance(block, InvertibleModule):
+            for p in block.parameters():
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
     return list(seen.values())
 
 
-def _forward_blocks(blocks: list[InvertibleModule], x: Tensor, with_log_det: bool):
-    if not with_log_det:
-        for block in blocks:
-            x = block(x)
-        return x
+def _forward_step(
+    step: _Step, x: Tensor, stack: list[Tensor], with_log_det: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Run one program step; returns the new state and the step's log-det (or None)."""
+    if isinstance(step, _SetAside):
+        stack.append(x[:, : step.keep])
+        return x[:, step.keep :], None
+    if isinstance(step, _Restore):
+        return torch.cat([stack.pop(), x], dim=1), None
+    if with_log_det:
+        return step.forward_and_log_det(x)
+    return step(x), None
+
+
+def _forward_program(program: list[_Step], x: Tensor, with_log_det: bool):
+    stack: list[Tensor] = []
     total = None
-    for block in blocks:
-        x, log_det = block.forward_and_log_det(x)
-        total = log_det if total is None else total + log_det
-    return x, total
+    for step in program:
+        x, log_det = _forward_step(step, x, stack, with_log_det)
+        if log_det is not None:
+            total = log_det if total is None else total + log_det
+    if not with_log_det:
+        return x
+    return x, x.new_zeros(x.shape[0]) if total is None else total
 
 
 @dataclass
@@ -147,7 +232,7 @@ class _AutocastState:
 class _ChainRun:
     """What one forward call must remember for its backward (no activations)."""
 
-    blocks: list[InvertibleModule]
+    program: list[_Step]
     params: list[nn.Parameter]
     with_log_det: bool
     preserve_rng_state: bool
@@ -160,20 +245,21 @@ class _ChainRun:
     def forward(self, x: Tensor):
         self.autocast = _AutocastState.capture(x.device.type)
         self.cuda_device = x.device.index if x.is_cuda else None
+        stack: list[Tensor] = []
         total = None
-        for block in self.blocks:
+        for step in self.program:
             self.input_dtypes.append(x.dtype)
             if self.preserve_rng_state:
                 cuda_state = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
                 self.rng_states.append((torch.get_rng_state(), cuda_state))
-            if self.with_log_det:
-                x, log_det = block.forward_and_log_det(x)
+            x, log_det = _forward_step(step, x, stack, self.with_log_det)
+            if log_det is not None:
                 total = log_det if total is None else total + log_det
-            else:
-                x = block(x)
         # Data-dependent initialisation may legitimately write parameters during forward.
         self.param_versions = [p._version for p in self.params]
-        return (x, total) if self.with_log_det else x
+        if not self.with_log_det:
+            return x
+        return x, x.new_zeros(x.shape[0]) if total is None else total
 
     def backward(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None
@@ -187,25 +273,37 @@ class _ChainRun:
         grads: list[Tensor | None] = [None] * len(self.params)
         # Blocks may overwrite what they are given; these copies are the engine's own.
         y, grad_y = y.clone(), grad_y.clone()
-        for k in reversed(range(len(self.blocks))):
-            block = self.blocks[k]
-            names = [n for n, p in block.named_parameters() if p.requires_grad]
-            originals = [p for p in block.parameters() if p.requires_grad]
-            aliases = [p.detach().requires_grad_() for p in originals]
-            with self._replay(k, block):
-                x, grad_x, block_grads = torch.func.functional_call(
-                    _BackwardPass(block),
-                    {f"block.{n}": a for n, a in zip(names, aliases, strict=True)},
-                    (y, grad_y, grad_log_det, aliases),
-                )
-            for p, g in zip(originals, block_grads, strict=True):
+        stack: list[tuple[Tensor, Tensor]] = []
+        for k in reversed(range(len(self.program))):
+            step = self.program[k]
+            if isinstance(step, _Restore):
+                stack.append((y[:, : step.keep], grad_y[:, : step.keep]))
+                y, grad_y = y[:, step.keep :], grad_y[:, step.keep :]
+                continue
+            if isinstance(step, _SetAside):
+                kept, grad_kept = stack.pop()
+                y, grad_y = torch.cat([kept, y], dim=1), torch.cat([grad_kept, grad_y], dim=1)
+                continue
+            x, grad_x, block_grads = self._block_backward(k, step, y, grad_y, grad_log_det)
+            for p, g in zip(_trainable(step), block_grads, strict=True):
                 if g is not None:
                     i = index[id(p)]
                     grads[i] = g if grads[i] is None else grads[i] + g
-            # Contiguous, so that the next block may write into them in place.
-            y = x.to(self.input_dtypes[k]).contiguous()
-            grad_y = torch.zeros_like(y) if grad_x is None else grad_x.to(y.dtype).contiguous()
+            y = _writable(x.to(self.input_dtypes[k]))
+            grad_y = torch.zeros_like(y) if grad_x is None else _writable(grad_x.to(y.dtype))
         return grad_y, grads
+
+    def _block_backward(self, k, block, y, grad_y, grad_log_det):
+        """``block.backward_pass`` on detached aliases of its parameters, in the forward's
+        RNG and autocast state, leaving its buffers as the forward left them."""
+        names = [n for n, p in block.named_parameters() if p.requires_grad]
+        aliases = [p.detach().requires_grad_() for p in _trainable(block)]
+        with self._replay(k, block):
+            return torch.func.functional_call(
+                _BackwardPass(block),
+                {f"block.{n}": a for n, a in zip(names, aliases, strict=True)},
+                (y, grad_y, grad_log_det, aliases),
+            )
 
     @contextmanager
     def _replay(self, k: int, block: nn.Module) -> Iterator[None]:
@@ -223,6 +321,17 @@ class _ChainRun:
         with torch.no_grad():
             for b, s in zip(buffers, saved, strict=True):
                 b.copy_(s)
+
+
+def _trainable(block: nn.Module) -> list[nn.Parameter]:
+    return [p for p in block.parameters() if p.requires_grad]
+
+
+def _writable(t: Tensor) -> Tensor:
+    """``t``, or a copy where elements share memory (an expanded gradient), so that the
+    next block may write into it in place."""
+    overlapping = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True))
+    return t.contiguous() if overlapping else t
 
 
 class _BackwardPass(nn.Module):
