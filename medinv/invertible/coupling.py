@@ -22,38 +22,56 @@ class AdditiveCoupling(InvertibleModule):
 
         y1 = x1 + g(y2)
 
-    The map is volume-preserving (log-det 0). ``f`` maps ``x1``'s channels to ``x2``'s and
-    ``g`` the reverse; both may be any module, including normalisation and dropout.
+    ``swap=True`` exchanges the roles of the halves (``f`` reads ``x2`` and updates
+    ``x1``), so that consecutive single-function couplings can alternate. The map is
+    volume-preserving (log-det 0). ``f`` maps the read half's channels to the updated
+    half's and ``g`` the reverse; both may be any module, including normalisation and
+    dropout.
 
     In the memory-efficient backward each function is evaluated exactly once: the
     evaluation that reconstructs the input also provides the graph for the gradient.
     """
 
-    def __init__(self, f: nn.Module, g: nn.Module | None = None, split: int | None = None):
+    def __init__(
+        self,
+        f: nn.Module,
+        g: nn.Module | None = None,
+        split: int | None = None,
+        swap: bool = False,
+    ):
         super().__init__()
         self.f = f
         self.g = g
         self.split = split
+        self.swap = swap
+
+    def _halves(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(the half ``f`` reads, the half ``f`` updates), as views."""
+        first, second = split_channels(t, self.split)
+        return (second, first) if self.swap else (first, second)
+
+    def _join(self, read: Tensor, updated: Tensor) -> Tensor:
+        return torch.cat([updated, read] if self.swap else [read, updated], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x1, x2 = split_channels(x, self.split)
+        x1, x2 = self._halves(x)
         y2 = x2 + self.f(x1)
         y1 = x1 if self.g is None else x1 + self.g(y2)
-        return torch.cat([y1, y2], dim=1)
+        return self._join(y1, y2)
 
     def inverse(self, y: Tensor) -> Tensor:
-        y1, y2 = split_channels(y, self.split)
+        y1, y2 = self._halves(y)
         x1 = y1 if self.g is None else y1 - self.g(y2)
         x2 = y2 - self.f(x1)
-        return torch.cat([x1, x2], dim=1)
+        return self._join(x1, x2)
 
     def backward_pass(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
         # The engine owns y and grad_y, so the input and its gradient are built in their
-        # storage: no copy of the state per block.
-        y1, y2 = split_channels(y, self.split)
-        grad_y1, grad_y2 = split_channels(grad_y, self.split)
+        # storage (the halves are views): no copy of the state per block.
+        y1, y2 = self._halves(y)
+        grad_y1, grad_y2 = self._halves(grad_y)
         grads: ParamGrads = [None] * len(params)
         if self.g is not None:
             # y1 = x1 + g(y2): g's output turns y1 into x1 and its graph takes grad_y1 to y2.

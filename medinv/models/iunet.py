@@ -18,6 +18,7 @@ from medinv.invertible import (
     InvertibleModule,
     InvertibleSequential,
     InvertibleUpsampling,
+    OrthogonalConv,
 )
 from medinv.invertible.orthogonal import Parametrization
 from medinv.invertible.resampling import Init
@@ -37,10 +38,13 @@ class InvertibleUNet(InvertibleModule):
     downsamples the other ``d_i = C_i * split_fraction`` channels with a learnable orthogonal
     downsampling (``C_{i+1} = d_i * prod(stride_i)``), and on the way up upsamples back,
     restores the skip channels and runs ``architecture[i]`` more coupling layers
-    (``Phi_i^R``). The bottom scale has only its ``Phi^L``. Coupling layers are two-function
-    additive couplings (``coupling="additive"``, volume-preserving) or affine ones (with a
-    log-det, for flows); their functions come from ``block_builder`` and start at zero, so
-    the network starts as the identity.
+    (``Phi_i^R``); the bottom scale runs both sides back to back. With ``channel_mixing``,
+    a 1x1 orthogonal convolution (starting at the identity) mixes the channels before each
+    split and after each merge, so the skip is not a fixed channel subset. Coupling layers
+    are additive (``coupling="additive"``, volume-preserving; with two functions, the
+    RevNet form, or one function, alternating halves) or affine (with a log-det, for
+    flows); their functions come from ``block_builder`` and start at zero, so the network
+    starts as the identity.
 
     Memory-efficient training stores only the output, whatever the depth and number of
     scales (the skip connections live inside one chain, see
@@ -60,6 +64,9 @@ class InvertibleUNet(InvertibleModule):
             rest is the skip). Default 1/2 in 1D/2D and 1/4 in 3D, which doubles the
             channels per scale with stride 2.
         coupling: ``"additive"`` or ``"affine"``.
+        coupling_functions: functions per additive coupling layer: 2 (F and G, both halves
+            updated) or 1 (one half updated, alternating from layer to layer).
+        channel_mixing: orthogonal 1x1 channel mixing around each split and merge.
         norm: normalisation inside the default coupling functions.
         block_builder: ``builder(in_channels, out_channels, dim)`` for custom coupling
             functions; the default is :func:`~medinv.models.blocks.conv_norm_act`.
@@ -76,6 +83,8 @@ class InvertibleUNet(InvertibleModule):
         strides: Stride | Sequence[Stride] = 2,
         split_fraction: float | None = None,
         coupling: Literal["additive", "affine"] = "additive",
+        coupling_functions: Literal[1, 2] = 2,
+        channel_mixing: bool = True,
         norm: Norm = "group",
         block_builder: BlockBuilder | None = None,
         resampling_init: Init = "haar",
@@ -90,11 +99,15 @@ class InvertibleUNet(InvertibleModule):
             raise ValueError(f"architecture needs one non-negative count per scale: {architecture}")
         if coupling not in ("additive", "affine"):
             raise ValueError(f"unknown coupling {coupling!r}; choose 'additive' or 'affine'")
+        if coupling_functions not in (1, 2):
+            raise ValueError(f"coupling_functions must be 1 or 2, got {coupling_functions}")
         self.dim = dim
         self.architecture = tuple(architecture)
         self.strides = _strides_per_scale(strides, len(architecture) - 1, dim)
         self.split_fraction = split_fraction or (0.25 if dim == 3 else 0.5)
         self.coupling = coupling
+        self.coupling_functions = coupling_functions
+        self.channel_mixing = channel_mixing
         self.padding_mode = padding_mode
         self.channels_per_scale = self._channel_plan(channels)
         builder = block_builder or partial(conv_norm_act, norm=norm)
@@ -133,29 +146,42 @@ class InvertibleUNet(InvertibleModule):
     def _couplings(self, count: int, channels: int, builder: BlockBuilder) -> list:
         c1 = channels // 2
         c2 = channels - c1
-        if self.coupling == "additive":
-            make = lambda: AdditiveCoupling(  # noqa: E731
-                builder(c1, c2, self.dim), builder(c2, c1, self.dim), split=c1
+        if self.coupling == "affine":
+            return [AffineCoupling(builder(c1, 2 * c2, self.dim), split=c1) for _ in range(count)]
+        if self.coupling_functions == 2:
+            return [
+                AdditiveCoupling(builder(c1, c2, self.dim), builder(c2, c1, self.dim), split=c1)
+                for _ in range(count)
+            ]
+        return [
+            AdditiveCoupling(
+                builder(c2, c1, self.dim) if j % 2 else builder(c1, c2, self.dim),
+                split=c1,
+                swap=bool(j % 2),
             )
-        else:
-            make = lambda: AffineCoupling(builder(c1, 2 * c2, self.dim), split=c1)  # noqa: E731
-        return [make() for _ in range(count)]
+            for j in range(count)
+        ]
 
     def _level(self, i: int, builder: BlockBuilder, resample: dict) -> list[InvertibleModule]:
         channels, skip = self.channels_per_scale[i]
         left = self._couplings(self.architecture[i], channels, builder)
+        right = self._couplings(self.architecture[i], channels, builder)
         if i == len(self.architecture) - 1:
-            return left
-        down_channels = channels - skip
+            return [*left, *right]
         inner = InvertibleSequential(
-            InvertibleDownsampling(down_channels, self.strides[i], self.dim, **resample),
+            InvertibleDownsampling(channels - skip, self.strides[i], self.dim, **resample),
             *self._level(i + 1, builder, resample),
             InvertibleUpsampling(
                 self.channels_per_scale[i + 1][0], self.strides[i], self.dim, **resample
             ),
         )
-        right = self._couplings(self.architecture[i], channels, builder)
-        return [*left, ChannelSubset(inner, keep=skip), *right]
+
+        def mixing() -> list[InvertibleModule]:
+            if not self.channel_mixing:
+                return []
+            return [OrthogonalConv(channels, resample["parametrization"], init="identity")]
+
+        return [*left, *mixing(), ChannelSubset(inner, keep=skip), *mixing(), *right]
 
     def _padding(self, spatial: Sequence[int]) -> list[int]:
         """``F.pad`` widths (last axis first) that make ``spatial`` a multiple of the stride."""
@@ -213,7 +239,7 @@ class InvertibleUNet(InvertibleModule):
         ]
         for i, (channels, skip) in enumerate(self.channels_per_scale):
             last = i == len(self.architecture) - 1
-            couplings = f"{self.architecture[i]}" + ("" if last else f"+{self.architecture[i]}")
+            couplings = f"{self.architecture[i]}+{self.architecture[i]}"
             stride = "-" if last else "x".join(map(str, self.strides[i]))
             line = f"{i:>5} {channels:>9} {skip:>6} {couplings:>10} {stride:>10}"
             if shape is not None:

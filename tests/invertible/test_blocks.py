@@ -41,6 +41,10 @@ def _perturb(module):
 BLOCKS = {
     "additive": lambda d: AdditiveCoupling(_conv(d, 2, 2)),
     "additive_fg": lambda d: AdditiveCoupling(_conv(d, 1, 3), _conv(d, 3, 1), split=1),
+    "additive_swapped": lambda d: AdditiveCoupling(_conv(d, 3, 1), split=1, swap=True),
+    "additive_fg_swapped": lambda d: AdditiveCoupling(
+        _conv(d, 3, 1), _conv(d, 1, 3), split=1, swap=True
+    ),
     "affine": lambda d: AffineCoupling(_conv(d, 2, 4)),
     "actnorm": lambda d: ActNorm(4),
     "orthogonal_exp": lambda d: OrthogonalConv(4, "exp"),
@@ -189,3 +193,11 @@ def test_channel_split_round_trip_shares_storage():
     torch.testing.assert_close(ChannelSplit([3, 4]).inverse(*parts), x)
     with pytest.raises(ValueError, match="do not add up"):
         ChannelSplit([3, 3])(x)
+
+
+def test_swapped_coupling_reads_the_second_half_and_updates_the_first():
+    block = _block("additive_swapped", 2)
+    x = _input("additive_swapped", 2)
+    y = block(x)
+    torch.testing.assert_close(y[:, 1:], x[:, 1:], rtol=0, atol=0)
+    assert (y[:, :1] - x[:, :1]).abs().max() > 1e-3

@@ -27,8 +27,9 @@ def _core(dim, architecture, memory_efficient=True, **kwargs):
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
-def test_round_trip_fp32_depth_4_per_scale(dim):
-    model = _perturb(_core(dim, (4, 4, 4))).eval()
+@pytest.mark.parametrize("coupling_functions", [1, 2])
+def test_round_trip_fp32_depth_4_per_scale(dim, coupling_functions):
+    model = _perturb(_core(dim, (4, 4, 4), coupling_functions=coupling_functions)).eval()
     x = torch.randn(2, 8, *SPATIAL[dim])
     with torch.no_grad():
         y = model(x)
@@ -56,14 +57,14 @@ def _grads(model, x, with_log_det):
 
 
 @pytest.mark.parametrize(
-    ("dim", "coupling", "strides", "init"),
+    ("dim", "coupling", "strides", "init", "functions"),
     [
-        (2, "additive", 2, "haar"),
-        (3, "affine", [(2, 2, 1), (1, 2, 2)], "haar"),
-        (1, "additive", [2, 4], "random"),
+        (2, "additive", 2, "haar", 2),
+        (3, "affine", [(2, 2, 1), (1, 2, 2)], "haar", 2),
+        (1, "additive", [2, 4], "random", 1),
     ],
 )
-def test_gradients_match_plain_autograd_float64(dim, coupling, strides, init):
+def test_gradients_match_plain_autograd_float64(dim, coupling, strides, init, functions):
     shape = {1: (16,), 2: (8, 12), 3: (8, 8, 4)}[dim]
     x = torch.randn(2, 8, *shape, dtype=torch.float64, requires_grad=True)
     results = []
@@ -75,6 +76,7 @@ def test_gradients_match_plain_autograd_float64(dim, coupling, strides, init):
             coupling=coupling,
             strides=strides,
             resampling_init=init,
+            coupling_functions=functions,
         )
         model = _perturb(model.double())
         results.append(_grads(model, x, with_log_det=coupling == "affine"))
@@ -149,7 +151,7 @@ def test_summary_lists_channels_and_shapes_per_scale():
     assert "scale  channels   skip  couplings     stride  shape" in text
     assert "    0         8      6        2+2      2x2x1  20x16x10" in text
     assert "    1         8      6        2+2      2x2x2  10x8x10" in text
-    assert "    2        16      0          2          -  5x4x5" in text
+    assert "    2        16      0        2+2          -  5x4x5" in text
     assert repr(model).startswith("InvertibleUNet(3D")
 
 
