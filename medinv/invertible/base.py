@@ -48,8 +48,8 @@ class InvertibleModule(nn.Module):
             grad_y: gradient of the loss with respect to ``y``; may be overwritten too.
             grad_log_det: gradient with respect to the block's log-det, ``(B,)``, or None
                 when the log-det is not part of the loss.
-            params: the block's trainable parameters, in ``named_parameters()`` order, as
-                the tensors the block currently computes with.
+            params: the tensors the block's trainable parameters currently stand for (the
+                engine substitutes detached aliases, so that gradient hooks fire once).
 
         Returns:
             ``(x, grad_x, grads)``: the reconstructed input (detached), the gradient with

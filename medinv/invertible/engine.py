@@ -98,11 +98,15 @@ class InvertibleSequential(InvertibleModule):
 
     def _run(self, x: Tensor, with_log_det: bool):
         program = self._program()
-        params = _trainable_parameters(program)
-        needs_graph = torch.is_grad_enabled() and (x.requires_grad or bool(params))
-        if not (self.memory_efficient and needs_graph and program):
+        if not (self.memory_efficient and torch.is_grad_enabled() and program):
             return _forward_program(program, x, with_log_det)
-        run = _ChainRun(program, params, with_log_det, self.preserve_rng_state)
+        states = [_block_state(s) if isinstance(s, InvertibleModule) else ([], []) for s in program]
+        slots = [slot for slot, _ in states]
+        params = list({id(p): p for block in slots for _, _, p in block}.values())
+        if not (x.requires_grad or params):
+            return _forward_program(program, x, with_log_det)
+        buffers = [b for _, b in states]
+        run = _ChainRun(program, slots, buffers, params, with_log_det, self.preserve_rng_state)
         return _ChainFunction.apply(x, run, *params)
 
     def extra_repr(self) -> str:
@@ -174,14 +178,33 @@ def _flatten(block: InvertibleModule) -> list[_Step]:
     return [block]
 
 
-def _trainable_parameters(program: list[_Step]) -> list[nn.Parameter]:
-    seen: dict[int, nn.Parameter] = {}
-    for block in program:
-        if isinstance(block, InvertibleModule):
-            for p in block.parameters():
-                if p.requires_grad:
-                    seen.setdefault(id(p), p)
-    return list(seen.values())
+_Slot = tuple[nn.Module, str, nn.Parameter]
+
+
+def _block_state(block: nn.Module) -> tuple[list[_Slot], list[Tensor]]:
+    """Where the block's trainable parameters live, ``(module, attribute name, parameter)``
+    (one parameter may sit in several slots when weights are tied), and its buffers."""
+    slots, buffers = [], []
+    for module in block.modules():
+        slots += [
+            (module, name, p)
+            for name, p in module._parameters.items()
+            if p is not None and p.requires_grad
+        ]
+        buffers += [b for b in module._buffers.values() if b is not None]
+    return slots, buffers
+
+
+@contextmanager
+def _parameters_replaced(slots: list[_Slot], aliases: dict[int, Tensor]) -> Iterator[None]:
+    """Let the block compute with ``aliases`` (by parameter id) in place of its parameters."""
+    for module, name, p in slots:
+        module._parameters[name] = aliases[id(p)]
+    try:
+        yield
+    finally:
+        for module, name, p in slots:
+            module._parameters[name] = p
 
 
 def _forward_step(
@@ -233,6 +256,8 @@ class _ChainRun:
     """What one forward call must remember for its backward (no activations)."""
 
     program: list[_Step]
+    slots: list[list[_Slot]]
+    buffers: list[list[Tensor]]
     params: list[nn.Parameter]
     with_log_det: bool
     preserve_rng_state: bool
@@ -250,8 +275,7 @@ class _ChainRun:
         for step in self.program:
             self.input_dtypes.append(x.dtype)
             if self.preserve_rng_state:
-                cuda_state = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-                self.rng_states.append((torch.get_rng_state(), cuda_state))
+                self.rng_states.append((torch.get_rng_state(), self._get_cuda_rng_state()))
             x, log_det = _forward_step(step, x, stack, self.with_log_det)
             if log_det is not None:
                 total = log_det if total is None else total + log_det
@@ -284,47 +308,46 @@ class _ChainRun:
                 kept, grad_kept = stack.pop()
                 y, grad_y = torch.cat([kept, y], dim=1), torch.cat([grad_kept, grad_y], dim=1)
                 continue
-            x, grad_x, block_grads = self._block_backward(k, step, y, grad_y, grad_log_det)
-            for p, g in zip(_trainable(step), block_grads, strict=True):
+            aliases = {id(p): p.detach().requires_grad_() for _, _, p in self.slots[k]}
+            with self._replay(k), _parameters_replaced(self.slots[k], aliases):
+                x, grad_x, block_grads = step.backward_pass(
+                    y, grad_y, grad_log_det, list(aliases.values())
+                )
+            for i, g in zip(map(index.__getitem__, aliases), block_grads, strict=True):
                 if g is not None:
-                    i = index[id(p)]
                     grads[i] = g if grads[i] is None else grads[i] + g
             y = _writable(x.to(self.input_dtypes[k]))
             grad_y = torch.zeros_like(y) if grad_x is None else _writable(grad_x.to(y.dtype))
         return grad_y, grads
 
-    def _block_backward(self, k, block, y, grad_y, grad_log_det):
-        """``block.backward_pass`` on detached aliases of its parameters, in the forward's
-        RNG and autocast state, leaving its buffers as the forward left them."""
-        names = [n for n, p in block.named_parameters() if p.requires_grad]
-        aliases = [p.detach().requires_grad_() for p in _trainable(block)]
-        with self._replay(k, block):
-            return torch.func.functional_call(
-                _BackwardPass(block),
-                {f"block.{n}": a for n, a in zip(names, aliases, strict=True)},
-                (y, grad_y, grad_log_det, aliases),
-            )
-
     @contextmanager
-    def _replay(self, k: int, block: nn.Module) -> Iterator[None]:
-        buffers = list(block.buffers()) if block.training else []
-        saved = [b.clone() for b in buffers]
-        devices = [] if self.cuda_device is None else [self.cuda_device]
-        with torch.random.fork_rng(devices=devices, enabled=self.preserve_rng_state):
-            if self.preserve_rng_state:
-                cpu_state, cuda_state = self.rng_states[k]
-                torch.set_rng_state(cpu_state)
-                if cuda_state is not None:
-                    torch.cuda.set_rng_state(cuda_state, self.cuda_device)
+    def _replay(self, k: int) -> Iterator[None]:
+        """The forward's RNG and autocast state around block ``k``'s recompute, and its
+        buffers (e.g. BatchNorm statistics) left as the forward left them."""
+        saved_buffers = [b.clone() for b in self.buffers[k]]
+        if self.preserve_rng_state:
+            outer = torch.get_rng_state(), self._get_cuda_rng_state()
+            self._set_rng_state(self.rng_states[k])
+        try:
             with self.autocast.enter():
                 yield
-        with torch.no_grad():
-            for b, s in zip(buffers, saved, strict=True):
-                b.copy_(s)
+        finally:
+            if self.preserve_rng_state:
+                self._set_rng_state(outer)
+            with torch.no_grad():
+                for b, saved in zip(self.buffers[k], saved_buffers, strict=True):
+                    b.copy_(saved)
 
+    def _get_cuda_rng_state(self) -> Tensor | None:
+        if self.cuda_device is None:
+            return None
+        return torch.cuda.get_rng_state(self.cuda_device)
 
-def _trainable(block: nn.Module) -> list[nn.Parameter]:
-    return [p for p in block.parameters() if p.requires_grad]
+    def _set_rng_state(self, state: tuple[Tensor, Tensor | None]) -> None:
+        cpu_state, cuda_state = state
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, self.cuda_device)
 
 
 def _writable(t: Tensor) -> Tensor:
@@ -332,17 +355,6 @@ def _writable(t: Tensor) -> Tensor:
     next block may write into it in place."""
     overlapping = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape, strict=True))
     return t.contiguous() if overlapping else t
-
-
-class _BackwardPass(nn.Module):
-    """Lets ``functional_call`` swap parameters for one block's ``backward_pass``."""
-
-    def __init__(self, block: InvertibleModule):
-        super().__init__()
-        self.block = block
-
-    def forward(self, y, grad_y, grad_log_det, params):
-        return self.block.backward_pass(y, grad_y, grad_log_det, params)
 
 
 class _ChainFunction(torch.autograd.Function):
