@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction, outputs in the input's grid."""

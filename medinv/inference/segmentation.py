@@ -1,0 +1,196 @@
+"""Segmentation inference: sliding-window prediction, TTA, and label maps in BraTS classes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio.v3 as imageio
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from torch import Tensor, nn
+
+from medinv.data.transforms import IMAGE, evaluation_transforms, invert_to_input_grid
+from medinv.errors import InputError
+from medinv.io import write_atomically
+
+
+def predict_probabilities(
+    model: nn.Module,
+    image: Tensor,
+    roi_size: Sequence[int] | None,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    tta: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Sigmoid probabilities of the regions (TC, WT, ET) for ``image (B, 4, *S)``.
+
+    With ``roi_size``, MONAI's ``sliding_window_inference`` with Gaussian blending; without
+    it, the whole volume at once. ``tta`` averages over the 8 combinations of flips along
+    the spatial axes.
+    """
+    flips = [()]
+    if tta:
+        flips = [
+            tuple(a for a, bit in zip((2, 3, 4), f"{i:03b}", strict=True) if bit == "1")
+            for i in range(8)
+        ]
+    total = None
+    with (
+        torch.no_grad(),
+        torch.autocast(
+            image.device.type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
+        ),
+    ):
+        for axes in flips:
+            x = image.flip(axes) if axes else image
+            if roi_size is None:
+                logits = model(x)
+            else:
+                logits = sliding_window_inference(
+                    x, roi_size, sw_batch_size, model, overlap=overlap, mode="gaussian"
+                )
+            probabilities = torch.sigmoid(logits.float())
+            probabilities = probabilities.flip(axes) if axes else probabilities
+            total = probabilities if total is None else total + probabilities
+    return total / len(flips)
+
+
+def regions_to_labels(regions: Tensor, et_label: int = 4) -> Tensor:
+    """Binary (TC, WT, ET) masks ``(3, *S)`` to a BraTS label map ``(*S)``.
+
+    WT outside TC is oedema (2), TC outside ET is necrotic/non-enhancing core (1), ET is the
+    enhancing tumour (``et_label``: 4 up to BraTS 2021, 3 from BraTS 2023).
+    """
+    tc, wt, et = (regions[i].bool() for i in range(3))
+    labels = torch.zeros(regions.shape[1:], dtype=torch.uint8, device=regions.device)
+    labels[wt] = 2
+    labels[tc] = 1
+    labels[et] = et_label
+    return labels
+
+
+@dataclass
+class SegmentationSettings:
+    """How to run a segmentation model on whole cases."""
+
+    roi_size: Sequence[int] | None = (128, 128, 128)
+    overlap: float = 0.5
+    sw_batch_size: int = 1
+    tta: bool = False
+    spacing: Sequence[float] | None = None
+    et_label: int = 4
+    threshold: float = 0.5
+    probabilities: bool = False
+    preview: bool = False
+    overwrite: bool = False
+    autocast_dtype: torch.dtype | None = None
+
+
+def segment_case(
+    model: nn.Module,
+    case: dict,
+    out_dir: Path,
+    settings: SegmentationSettings,
+    device: torch.device,
+) -> dict[str, Path]:
+    """Segment one case; write ``<case_id>.nii.gz`` (labels 0/1/2/4 in the input's own grid,
+    orientation and affine) and, if asked, probability maps and a preview PNG.
+
+    Returns the written paths by kind. Raises :class:`InputError` if an output exists and
+    ``overwrite`` is off, before any work is done.
+    """
+    case_id = case["case_id"]
+    outputs = {"labels": out_dir / f"{case_id}.nii.gz"}
+    if settings.probabilities:
+        outputs["probabilities"] = out_dir / f"{case_id}_probabilities.nii.gz"
+    if settings.preview:
+        outputs["preview"] = out_dir / f"{case_id}_preview.png"
+    existing = [p for p in outputs.values() if p.exists()]
+    if existing and not settings.overwrite:
+        raise InputError(f"{existing[0]}: exists; pass --overwrite to replace it")
+
+    preprocessing = evaluation_transforms(settings.spacing, settings.et_label, with_label=False)
+    data = preprocessing({IMAGE: case[IMAGE]})
+    image = data[IMAGE]
+    model.eval()
+    probabilities = predict_probabilities(
+        model,
+        image.unsqueeze(0).to(device),
+        settings.roi_size,
+        settings.overlap,
+        settings.sw_batch_size,
+        settings.tta,
+        settings.autocast_dtype,
+    )[0].cpu()
+    data["pred"] = MetaTensor(
+        probabilities, meta=image.meta, applied_operations=image.applied_operations
+    )
+    restored = invert_to_input_grid("pred", preprocessing)(data)["pred"]
+    reference = nib.load(_first_path(case[IMAGE]))
+    spatial = reference.shape[:3]
+    if tuple(restored.shape[1:]) != tuple(spatial):
+        raise RuntimeError(
+            f"{case_id}: prediction {tuple(restored.shape[1:])} does not match "
+            f"the input grid {tuple(spatial)}"
+        )
+    labels = regions_to_labels(restored > settings.threshold, settings.et_label).numpy()
+    affine, header = reference.affine, reference.header
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_nifti(labels.astype(np.uint8), affine, header, outputs["labels"])
+    if settings.probabilities:
+        maps = np.moveaxis(restored.numpy().astype(np.float32), 0, -1)
+        _save_nifti(maps, affine, header, outputs["probabilities"])
+    if settings.preview:
+        background = np.asarray(nib.load(_first_path(case[IMAGE], index=3)).dataobj)
+        if background.ndim == 4:
+            background = background[..., 0]
+        write_preview(background, labels, outputs["preview"], settings.et_label)
+    return outputs
+
+
+def _first_path(image, index: int = 0) -> str:
+    """The path of modality ``index`` (0 = T1), or the 4D file."""
+    return str(image[index] if isinstance(image, (list, tuple)) else image)
+
+
+def _save_nifti(array: np.ndarray, affine, header, path: Path) -> None:
+    """Write atomically, keeping the input's affine and spatial header fields."""
+    image = nib.Nifti1Image(array, affine, header=header.copy())
+    image.set_data_dtype(array.dtype)
+    image.header.set_slope_inter(1.0, 0.0)  # the input's intensity scaling must not apply
+    image.header.set_intent("none")
+    if array.ndim == 4:
+        image.header.set_xyzt_units(*header.get_xyzt_units())
+    write_atomically(path, lambda tmp: nib.save(image, tmp), suffix=".nii.gz")
+
+
+def write_preview(background: np.ndarray, labels: np.ndarray, path: Path, et_label: int = 4):
+    """Axial, coronal and sagittal slices through the tumour's centre with the labels drawn
+    over the image: necrotic core red, oedema green, enhancing tumour yellow."""
+    tumour = np.argwhere(labels > 0)
+    centre = (tumour.mean(0) if len(tumour) else np.array(labels.shape) / 2).astype(int)
+    lo, hi = np.percentile(background[background > 0], [1, 99]) if background.any() else (0, 1)
+    gray = np.clip((background - lo) / max(hi - lo, 1e-6), 0, 1)
+    colours = {1: (1.0, 0.1, 0.1), 2: (0.1, 0.9, 0.1), et_label: (1.0, 0.9, 0.1)}
+    panels = []
+    for axis in (2, 1, 0):
+        index = [slice(None)] * 3
+        index[axis] = centre[axis]
+        g, lab = gray[tuple(index)], labels[tuple(index)]
+        rgb = np.repeat(g[..., None], 3, axis=-1)
+        for value, colour in colours.items():
+            mask = lab == value
+            rgb[mask] = 0.45 * rgb[mask] + 0.55 * np.array(colour)
+        panels.append(np.rot90(rgb))
+    height = max(p.shape[0] for p in panels)
+    panels = [np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0))) for p in panels]
+    picture = (np.concatenate(panels, axis=1) * 255).astype(np.uint8)
+    write_atomically(path, lambda tmp: imageio.imwrite(tmp, picture, format="png"), ".png")

@@ -1,0 +1,114 @@
+"""Training configurations: YAML files validated with pydantic, never executed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medinv.errors import ConfigError
+
+Triple = tuple[int, int, int]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SegmentationData(_Strict):
+    manifest: Path = Field(description="CSV manifest or case folder, relative to the config file")
+    et_label: Literal[3, 4] = 4
+    spacing: tuple[float, float, float] | None = Field(
+        None, description="resample to this spacing (mm); None keeps the input grid"
+    )
+    roi_size: Triple = (96, 96, 96)
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    cache: bool = True
+
+
+class SegmentationModel(_Strict):
+    channels: int = Field(16, ge=2)
+    architecture: list[int] = Field(default_factory=lambda: [2, 2, 2, 2, 2], min_length=1)
+    split_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    norm: Literal["group", "instance", "layer", "batch", "none"] = "group"
+    memory_efficient: bool = True
+
+
+class SegmentationTraining(_Strict):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(1, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap; None: one pass")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    loss: Literal["dice", "dice_ce"] = "dice"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    grad_clip: float | None = Field(1.0, gt=0)
+    val_interval: int = Field(1, ge=1)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+
+
+class SegmentationInference(_Strict):
+    roi_size: Triple = (128, 128, 128)
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    sw_batch_size: int = Field(1, ge=1)
+    tta: bool = False
+
+
+class SegmentationConfig(_Strict):
+    task: Literal["segment"]
+    data: SegmentationData
+    model: SegmentationModel = SegmentationModel()
+    train: SegmentationTraining = SegmentationTraining()
+    inference: SegmentationInference = SegmentationInference()
+
+    @model_validator(mode="after")
+    def _roi_fits_the_model(self) -> SegmentationConfig:
+        stride = 2 ** (len(self.model.architecture) - 1)
+        for name, roi in (
+            ("data.roi_size", self.data.roi_size),
+            ("inference.roi_size", self.inference.roi_size),
+        ):
+            if any(n % stride for n in roi):
+                raise ValueError(
+                    f"{name} {roi} must be divisible by the model's total stride {stride}"
+                )
+        return self
+
+    def model_kwargs(self) -> dict:
+        """Constructor arguments of the 3D IUNet segmenter (4 contrasts -> TC, WT, ET)."""
+        m = self.model
+        return {
+            "in_channels": 4,
+            "out_channels": 3,
+            "channels": m.channels,
+            "dim": 3,
+            "architecture": list(m.architecture),
+            "split_fraction": m.split_fraction,
+            "norm": m.norm,
+            "memory_efficient": m.memory_efficient,
+        }
+
+
+def load_config(path: Path) -> SegmentationConfig:
+    """Read and validate a YAML config; relative paths are taken from the config's folder."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        config = SegmentationConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from err
+    if not config.data.manifest.is_absolute():
+        config.data.manifest = (path.parent / config.data.manifest).resolve()
+    return config

@@ -1,0 +1,174 @@
+"""Training loop for 3D iUNet segmentation of BraTS-style cases."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.losses import DiceCELoss, DiceLoss
+from monai.metrics import DiceMetric
+from monai.utils import set_determinism
+
+from medinv.data.transforms import IMAGE, LABEL, evaluation_transforms, training_transforms
+from medinv.errors import InputError
+from medinv.inference.segmentation import predict_probabilities
+from medinv.models import build_model
+
+from .checkpoint import read_checkpoint, save_checkpoint
+from .config import SegmentationConfig
+
+REGIONS = ("TC", "WT", "ET")
+Progress = Callable[[str, int, int], None]
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def split_cases(
+    cases: Sequence[dict[str, Any]], val_fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training and validation cases: by the ``split`` column where the manifest has one
+    (``train`` / ``val``; ``test`` cases are left out), else a seeded random split."""
+    if any(c.get("split") for c in cases):
+        train = [c for c in cases if c.get("split") == "train"]
+        val = [c for c in cases if c.get("split") == "val"]
+        if val or val_fraction == 0:
+            return train, val
+        cases = train
+    order = list(cases)
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(order) * val_fraction)) if val_fraction > 0 else 0
+    if n_val >= len(order):
+        raise InputError(f"{len(order)} labelled case(s) cannot be split into train and val")
+    return order[n_val:], order[:n_val]
+
+
+def _loader_items(cases: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    missing = [c.get("case_id", "?") for c in cases if not c.get(LABEL)]
+    if missing:
+        raise InputError(f"training needs labels; cases without one: {', '.join(missing)}")
+    return [{IMAGE: c[IMAGE], LABEL: c[LABEL]} for c in cases]
+
+
+def train_segmentation(
+    config: SegmentationConfig,
+    train_cases: Sequence[dict[str, Any]],
+    val_cases: Sequence[dict[str, Any]],
+    out_dir: Path,
+    device: torch.device,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Train, validate every ``val_interval`` epochs, keep ``last.pt`` and ``best.pt``.
+
+    Writes ``out_dir/metrics.csv`` (one row per epoch: loss, Dice per region, time, peak
+    memory) and returns it as a table. ``resume`` continues from ``out_dir/last.pt``.
+    """
+    t = config.train
+    set_determinism(seed=t.seed)
+    kwargs = config.model_kwargs()
+    model = build_model("iunet", kwargs).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    loss_fn = (DiceCELoss if t.loss == "dice_ce" else DiceLoss)(
+        sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True
+    )
+    amp = _AMP[t.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    history: list[dict[str, Any]] = []
+    start_epoch, best = 0, -1.0
+    if resume and (out_dir / "last.pt").is_file():
+        state = read_checkpoint(out_dir / "last.pt")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, history = state["epoch"], state["best"], list(state["history"])
+
+    d = config.data
+    train_transforms = training_transforms(d.roi_size, d.spacing, d.et_label)
+    train_data = _loader_items(train_cases)
+    train_ds = (
+        CacheDataset(train_data, train_transforms, progress=False)
+        if d.cache
+        else Dataset(train_data, train_transforms)
+    )
+    generator = torch.Generator().manual_seed(t.seed)
+    loader = DataLoader(
+        train_ds,
+        batch_size=t.batch_size,
+        shuffle=True,
+        num_workers=t.num_workers,
+        generator=generator,
+    )
+    val_ds = Dataset(_loader_items(val_cases), evaluation_transforms(d.spacing, d.et_label))
+    steps = min(len(loader), t.steps_per_epoch or len(loader))
+
+    for epoch in range(start_epoch, t.epochs):
+        model.train()
+        started = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        losses = []
+        for step, batch in enumerate(loader):
+            if step == steps:
+                break
+            image, label = batch[IMAGE].to(device), batch[LABEL].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = loss_fn(model(image).float(), label)
+            scaler.scale(loss).backward()
+            if t.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            if progress:
+                progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
+        scheduler.step()
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": sum(losses) / len(losses)}
+        row["train_seconds"] = time.perf_counter() - started
+        if device.type == "cuda":
+            row["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if val_cases and ((epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs):
+            dice = validate(model, val_ds, config, device)
+            row.update({f"dice_{r}": v for r, v in zip(REGIONS, dice, strict=True)})
+            row["dice_mean"] = sum(dice) / len(dice)
+        history.append(row)
+        score = row.get("dice_mean", -row["loss"])
+        extra = {"config": config.model_dump(mode="json"), "epoch": epoch + 1, "history": history}
+        if score > best:
+            best = score
+            save_checkpoint(out_dir / "best.pt", "iunet", kwargs, model, **extra)
+        save_checkpoint(
+            out_dir / "last.pt",
+            "iunet",
+            kwargs,
+            model,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            best=best,
+            **extra,
+        )
+        table = pd.DataFrame(history)
+        table.to_csv(out_dir / "metrics.csv", index=False)
+    return pd.DataFrame(history)
+
+
+def validate(model, dataset, config: SegmentationConfig, device: torch.device) -> list[float]:
+    """Mean Dice per region (TC, WT, ET) over whole validation volumes, BraTS convention
+    (empty truth and empty prediction count as 1)."""
+    metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=False)
+    model.eval()
+    inf = config.inference
+    for item in dataset:
+        image = item[IMAGE].unsqueeze(0).to(device)
+        probabilities = predict_probabilities(
+            model, image, inf.roi_size, inf.overlap, inf.sw_batch_size, tta=False
+        )
+        metric(y_pred=(probabilities > 0.5).float(), y=item[LABEL].unsqueeze(0).to(device))
+    return [float(v) for v in metric.aggregate()]

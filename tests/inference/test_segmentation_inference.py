@@ -1,0 +1,93 @@
+"""Segmentation outputs land in the input's own grid and open as users open them."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medinv.errors import InputError
+from medinv.inference.segmentation import (
+    SegmentationSettings,
+    predict_probabilities,
+    regions_to_labels,
+    segment_case,
+)
+from medinv.models import IUNet
+
+from ..synthetic_cases import write_case
+
+
+class AboveMean(nn.Module):
+    """A stand-in model whose answer is known in any grid: region c is where modality c of
+    the z-scored image is positive."""
+
+    def forward(self, x):
+        return 50.0 * x[:, :3]
+
+
+def _oracle_labels(case, et_label=4):
+    """AboveMean's answer computed directly in the file's own voxel grid."""
+    regions = []
+    for path in case["image"][:3]:
+        data = np.asarray(nib.load(path).dataobj, dtype=np.float64)
+        brain = data != 0
+        regions.append(brain & (data > data[brain].mean()))
+    return regions_to_labels(torch.from_numpy(np.stack(regions)), et_label).numpy()
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.diag([1.5, 1.5, 2.0, 1.0]),
+        np.array([[0, -1.2, 0, 30], [-1.0, 0, 0, 20], [0, 0, 2.0, -10], [0, 0, 0, 1]]),
+    ],
+    ids=["ras", "oblique-flipped"],
+)
+def test_labels_come_back_in_the_input_grid(tmp_path, affine):
+    case = write_case(tmp_path / "in", "c0", shape=(30, 26, 18), affine=affine)
+    settings = SegmentationSettings(
+        roi_size=(16, 16, 16), overlap=0.25, probabilities=True, preview=True
+    )
+    outputs = segment_case(AboveMean(), case, tmp_path / "out", settings, torch.device("cpu"))
+    saved = nib.load(outputs["labels"])
+    np.testing.assert_allclose(saved.affine, nib.load(case["image"][0]).affine)
+    labels = np.asarray(saved.dataobj)
+    assert labels.dtype == np.uint8 and saved.shape == (30, 26, 18)
+    assert set(np.unique(labels)) <= {0, 1, 2, 4}
+    np.testing.assert_array_equal(labels, _oracle_labels(case))
+    probabilities = nib.load(outputs["probabilities"])
+    assert probabilities.shape == (30, 26, 18, 3)
+    assert outputs["preview"].stat().st_size > 0
+
+
+def test_existing_outputs_are_not_overwritten(tmp_path):
+    case = write_case(tmp_path / "in", "c1", shape=(16, 16, 16))
+    settings = SegmentationSettings(roi_size=None)
+    segment_case(AboveMean(), case, tmp_path / "out", settings, torch.device("cpu"))
+    with pytest.raises(InputError, match="exists; pass --overwrite"):
+        segment_case(AboveMean(), case, tmp_path / "out", settings, torch.device("cpu"))
+    settings.overwrite = True
+    segment_case(AboveMean(), case, tmp_path / "out", settings, torch.device("cpu"))
+
+
+def test_sliding_window_and_tta_agree_with_whole_volume_for_an_equivariant_model():
+    torch.manual_seed(0)
+    image = torch.randn(1, 4, 24, 24, 16)
+    whole = predict_probabilities(AboveMean(), image, None)
+    windows = predict_probabilities(AboveMean(), image, (16, 16, 8), overlap=0.5, tta=True)
+    torch.testing.assert_close(windows, whole, rtol=1e-5, atol=1e-5)
+    model = IUNet(4, 3, channels=4, dim=3, architecture=(1, 1)).eval()
+    out = predict_probabilities(model, image, (8, 8, 8), overlap=0.25)
+    assert out.shape == (1, 3, 24, 24, 16) and 0 <= out.min() and out.max() <= 1
+
+
+def test_regions_to_labels_follows_brats_nesting():
+    regions = torch.zeros(3, 4)
+    regions[1, :3] = 1  # WT
+    regions[0, :2] = 1  # TC
+    regions[2, :1] = 1  # ET
+    assert regions_to_labels(regions).tolist() == [4, 1, 2, 0]
+    assert regions_to_labels(regions, et_label=3).tolist() == [3, 1, 2, 0]

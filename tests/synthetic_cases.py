@@ -1,0 +1,49 @@
+"""Tiny BraTS-layout cases written with nibabel, for pipeline tests that need no anatomy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+
+
+def write_case(root: Path, case_id: str, shape=(40, 36, 28), seed: int = 0, affine=None) -> dict:
+    """A skull-stripped ellipsoid 'brain' with a tumour (core 1, oedema 2, enhancing 4).
+
+    Returns the record a loader expects: ``{"case_id", "image": [4 paths], "label"}``.
+    """
+    rng = np.random.default_rng(seed)
+    affine = np.diag([1.5, 1.5, 2.0, 1.0]) if affine is None else affine
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    brain = (grid**2).sum(0) < 0.8
+    centre = rng.uniform(-0.3, 0.3, size=3)
+    r = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+    label = np.zeros(shape, np.uint8)
+    label[(r < 0.45) & brain] = 2
+    label[r < 0.3] = 4
+    label[r < 0.18] = 1
+    folder = root / case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    contrast = {
+        "t1": (1.0, 0.6, 0.3, 0.8),
+        "t1ce": (1.0, 0.6, 0.4, 1.6),
+        "t2": (0.5, 1.2, 1.0, 0.9),
+        "flair": (0.6, 1.4, 0.8, 1.0),
+    }
+    paths = []
+    for m in MODALITIES:
+        base, oedema, core, enhancing = contrast[m]
+        image = np.where(brain, base, 0.0)
+        image = np.where(label == 2, oedema, image)
+        image = np.where(label == 1, core, image)
+        image = np.where(label == 4, enhancing, image)
+        image = (image + 0.05 * rng.standard_normal(shape)) * brain
+        path = folder / f"{case_id}_{m}.nii.gz"
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
+        paths.append(str(path))
+    label_path = folder / f"{case_id}_seg.nii.gz"
+    nib.save(nib.Nifti1Image(label, affine), label_path)
+    return {"case_id": case_id, "image": paths, "label": str(label_path)}
