@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, get_confusion_matrix
+
+from medinv.errors import InputError
 
 REGIONS = ("WT", "TC", "ET")
 HD95_EMPTY_PENALTY = math.sqrt(240**2 + 240**2 + 155**2)  # 373.13 mm
@@ -53,7 +57,7 @@ def region_metrics(
     else:
         hd95 = float(
             compute_hausdorff_distance(
-                p, t, include_background=True, percentile=95, spacing=list(spacing)
+                p, t, include_background=True, percentile=95, spacing=[float(s) for s in spacing]
             )
         )
     return {"dice": dice, "sensitivity": sensitivity, "specificity": specificity, "hd95": hd95}
@@ -77,3 +81,54 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     summary = table.groupby("region", sort=False)[metrics].agg(["mean", "median", "std"])
     summary.columns = [f"{m}_{s}" for m, s in summary.columns]
     return summary.reset_index()
+
+
+def _truth_for(case_id: str, truth_dir: Path) -> Path | None:
+    """The ground-truth label file of ``case_id`` in any of the usual BraTS layouts."""
+    for candidate in (
+        truth_dir / case_id / f"{case_id}_seg.nii.gz",
+        truth_dir / case_id / f"{case_id}-seg.nii.gz",
+        truth_dir / f"{case_id}_seg.nii.gz",
+        truth_dir / f"{case_id}-seg.nii.gz",
+        truth_dir / f"{case_id}.nii.gz",
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def evaluate_directories(
+    pred_dir: Path, truth_dir: Path, et_label: int = 4
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Score every ``<case_id>.nii.gz`` label map in ``pred_dir`` against its truth.
+
+    Returns the per-case, per-region table, its summary, and one line per case that could
+    not be scored (missing truth, grids that disagree); those cases are left out.
+    """
+    predictions = sorted(
+        p for p in pred_dir.glob("*.nii.gz") if not p.name.endswith("_probabilities.nii.gz")
+    )
+    if not predictions:
+        raise InputError(f"{pred_dir}: no predicted label maps (*.nii.gz)")
+    rows, failures = [], []
+    for path in predictions:
+        case_id = path.name[: -len(".nii.gz")]
+        truth_path = _truth_for(case_id, truth_dir)
+        if truth_path is None:
+            failures.append(f"{path}: no ground truth for case {case_id} in {truth_dir}")
+            continue
+        pred, truth = nib.load(path), nib.load(truth_path)
+        if pred.shape != truth.shape or not np.allclose(pred.affine, truth.affine, atol=1e-3):
+            failures.append(f"{path}: grid {pred.shape} does not match {truth_path} {truth.shape}")
+            continue
+        spacing = truth.header.get_zooms()[:3]
+        labels = np.asarray(pred.dataobj).astype(np.int16)
+        reference = np.asarray(truth.dataobj).astype(np.int16)
+        rows += [
+            {"case_id": case_id, **row}
+            for row in case_metrics(labels, reference, spacing, et_label)
+        ]
+    if not rows:
+        raise InputError(f"{pred_dir}: no case could be scored; first problem: {failures[0]}")
+    table = pd.DataFrame(rows)
+    return table, summarize(table), failures

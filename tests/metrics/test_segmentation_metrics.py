@@ -89,3 +89,29 @@ def test_case_rows_and_summary():
     assert (summary["dice_mean"] == 1.0).all() and (summary["dice_std"] == 0.0).all()
     with pytest.raises(ValueError, match="differ in shape"):
         case_metrics(truth, truth[:5], (1, 1, 1))
+
+
+def test_evaluate_directories_pairs_cases_and_reports_problems(tmp_path):
+    import nibabel as nib
+
+    from medinv.errors import InputError
+    from medinv.metrics.segmentation import evaluate_directories
+
+    truth = np.zeros((12, 12, 8), np.uint8)
+    truth[3:9, 3:9, 2:6] = 2
+    truth[4:8, 4:8, 3:5] = 4
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    (tmp_path / "truth" / "a").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(truth, affine), tmp_path / "truth" / "a" / "a_seg.nii.gz")
+    nib.save(nib.Nifti1Image(truth, affine), tmp_path / "truth" / "b_seg.nii.gz")
+    (tmp_path / "pred").mkdir()
+    nib.save(nib.Nifti1Image(truth, affine), tmp_path / "pred" / "a.nii.gz")
+    nib.save(nib.Nifti1Image(truth[:10], affine), tmp_path / "pred" / "b.nii.gz")
+    nib.save(nib.Nifti1Image(truth, affine), tmp_path / "pred" / "c.nii.gz")
+    table, summary, failures = evaluate_directories(tmp_path / "pred", tmp_path / "truth")
+    assert set(table["case_id"]) == {"a"} and (table["dice"] == 1.0).all()
+    assert len(failures) == 2
+    assert any("b.nii.gz: grid" in f for f in failures)
+    assert any("no ground truth for case c" in f for f in failures)
+    with pytest.raises(InputError, match="no predicted label maps"):
+        evaluate_directories(tmp_path / "truth" / "a", tmp_path / "truth")
