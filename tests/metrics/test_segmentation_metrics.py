@@ -113,5 +113,8 @@ def test_evaluate_directories_pairs_cases_and_reports_problems(tmp_path):
     assert len(failures) == 2
     assert any("b.nii.gz: grid" in f for f in failures)
     assert any("no ground truth for case c" in f for f in failures)
-    with pytest.raises(InputError, match="no predicted label maps"):
+    with pytest.raises(InputError, match="no case could be scored"):
         evaluate_directories(tmp_path / "truth" / "a", tmp_path / "truth")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no predicted label maps"):
+        evaluate_directories(tmp_path / "empty", tmp_path / "truth")
