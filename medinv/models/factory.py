@@ -8,7 +8,15 @@ from torch import nn
 
 from .iunet import IUNet
 
-_BUILDERS = {"iunet": IUNet}
+
+def _segresnet(**kwargs: Any) -> nn.Module:
+    """MONAI's SegResNet, the baseline the iUNet segmenter is compared with."""
+    from monai.networks.nets import SegResNet
+
+    return SegResNet(**kwargs)
+
+
+_BUILDERS = {"iunet": IUNet, "segresnet": _segresnet}
 
 
 def build_model(kind: str, config: dict[str, Any]) -> nn.Module:

@@ -29,7 +29,8 @@ class SegmentationData(_Strict):
 
 
 class SegmentationModel(_Strict):
-    channels: int = Field(16, ge=2)
+    kind: Literal["iunet", "segresnet"] = "iunet"
+    channels: int = Field(16, ge=2, description="iUNet channel blow-up; SegResNet init_filters")
     architecture: list[int] = Field(default_factory=lambda: [2, 2, 2, 2, 2], min_length=1)
     split_fraction: float = Field(0.25, gt=0.0, le=1.0)
     norm: Literal["group", "instance", "layer", "batch", "none"] = "group"
@@ -40,6 +41,9 @@ class SegmentationTraining(_Strict):
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(1, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1, description="cap; None: one pass")
+    time_budget_minutes: float | None = Field(
+        None, gt=0, description="stop after the epoch in which this much training time is used"
+    )
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     loss: Literal["dice", "dice_ce"] = "dice"
@@ -66,7 +70,8 @@ class SegmentationConfig(_Strict):
 
     @model_validator(mode="after")
     def _roi_fits_the_model(self) -> SegmentationConfig:
-        stride = 2 ** (len(self.model.architecture) - 1)
+        scales = len(self.model.architecture) if self.model.kind == "iunet" else 4
+        stride = 2 ** (scales - 1)
         for name, roi in (
             ("data.roi_size", self.data.roi_size),
             ("inference.roi_size", self.inference.roi_size),
@@ -78,8 +83,15 @@ class SegmentationConfig(_Strict):
         return self
 
     def model_kwargs(self) -> dict:
-        """Constructor arguments of the 3D IUNet segmenter (4 contrasts -> TC, WT, ET)."""
+        """Constructor arguments of the 3D segmenter (4 contrasts -> TC, WT, ET)."""
         m = self.model
+        if m.kind == "segresnet":
+            return {
+                "spatial_dims": 3,
+                "in_channels": 4,
+                "out_channels": 3,
+                "init_filters": m.channels,
+            }
         return {
             "in_channels": 4,
             "out_channels": 3,

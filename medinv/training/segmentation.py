@@ -70,8 +70,8 @@ def train_segmentation(
     """
     t = config.train
     set_determinism(seed=t.seed)
-    kwargs = config.model_kwargs()
-    model = build_model("iunet", kwargs).to(device)
+    kind, kwargs = config.model.kind, config.model_kwargs()
+    model = build_model(kind, kwargs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
     loss_fn = (DiceCELoss if t.loss == "dice_ce" else DiceLoss)(
@@ -143,10 +143,10 @@ def train_segmentation(
         extra = {"config": config.model_dump(mode="json"), "epoch": epoch + 1, "history": history}
         if score > best:
             best = score
-            save_checkpoint(out_dir / "best.pt", "iunet", kwargs, model, **extra)
+            save_checkpoint(out_dir / "best.pt", kind, kwargs, model, **extra)
         save_checkpoint(
             out_dir / "last.pt",
-            "iunet",
+            kind,
             kwargs,
             model,
             optimizer=optimizer.state_dict(),
@@ -154,8 +154,10 @@ def train_segmentation(
             best=best,
             **extra,
         )
-        table = pd.DataFrame(history)
-        table.to_csv(out_dir / "metrics.csv", index=False)
+        pd.DataFrame(history).to_csv(out_dir / "metrics.csv", index=False)
+        used = sum(r["train_seconds"] for r in history) / 60
+        if t.time_budget_minutes is not None and used >= t.time_budget_minutes:
+            break
     return pd.DataFrame(history)
 
 

@@ -84,3 +84,17 @@ def test_checkpoint_that_is_not_ours_is_a_clear_error(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a readable medinv checkpoint"):
         read_checkpoint(path)
+
+
+def test_time_budget_stops_training_and_segresnet_baseline_trains(tmp_path):
+    cases = [write_case(tmp_path / "cases", f"case{i}", seed=i) for i in range(2)]
+    config = _config(tmp_path, epochs=5)
+    config.model.kind = "segresnet"
+    config.model.channels = 8  # SegResNet normalises in groups of 8
+    config.train.time_budget_minutes = 1e-6
+    history = train_segmentation(
+        config, cases[:1], cases[1:], tmp_path / "run", torch.device("cpu")
+    )
+    assert list(history["epoch"]) == [1]
+    model, payload = load_model(tmp_path / "run" / "last.pt")
+    assert payload["kind"] == "segresnet" and type(model).__name__ == "SegResNet"
