@@ -14,7 +14,13 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
-from medinv.data.transforms import IMAGE, evaluation_transforms, invert_to_input_grid
+from medinv.data.transforms import (
+    CANONICAL,
+    IMAGE,
+    Convention,
+    evaluation_transforms,
+    invert_to_input_grid,
+)
 from medinv.errors import InputError
 from medinv.io import write_atomically
 
@@ -63,17 +69,19 @@ def predict_probabilities(
     return total / len(flips)
 
 
-def regions_to_labels(regions: Tensor, et_label: int = 4) -> Tensor:
+def regions_to_labels(regions: Tensor, values: Sequence[int] = (1, 2, 4)) -> Tensor:
     """Binary (TC, WT, ET) masks ``(3, *S)`` to a BraTS label map ``(*S)``.
 
-    WT outside TC is oedema (2), TC outside ET is necrotic/non-enhancing core (1), ET is the
-    enhancing tumour (``et_label``: 4 up to BraTS 2021, 3 from BraTS 2023).
+    TC outside ET is the necrotic/non-enhancing core, WT outside TC the oedema, ET the
+    enhancing tumour; ``values`` gives their label values (BraTS 2018-2021: 1, 2, 4; BraTS
+    2023: 1, 2, 3; the Decathlon: 2, 1, 3).
     """
+    necrotic, oedema, enhancing = values
     tc, wt, et = (regions[i].bool() for i in range(3))
     labels = torch.zeros(regions.shape[1:], dtype=torch.uint8, device=regions.device)
-    labels[wt] = 2
-    labels[tc] = 1
-    labels[et] = et_label
+    labels[wt] = oedema
+    labels[tc] = necrotic
+    labels[et] = enhancing
     return labels
 
 
@@ -86,7 +94,7 @@ class SegmentationSettings:
     sw_batch_size: int = 1
     tta: bool = False
     spacing: Sequence[float] | None = None
-    et_label: int = 4
+    convention: Convention = CANONICAL
     threshold: float = 0.5
     probabilities: bool = False
     preview: bool = False
@@ -101,8 +109,9 @@ def segment_case(
     settings: SegmentationSettings,
     device: torch.device,
 ) -> dict[str, Path]:
-    """Segment one case; write ``<case_id>.nii.gz`` (labels 0/1/2/4 in the input's own grid,
-    orientation and affine) and, if asked, probability maps and a preview PNG.
+    """Segment one case; write ``<case_id>.nii.gz`` (labels in the input's own grid,
+    orientation, affine and label convention) and, if asked, the probability maps (TC, WT,
+    ET) and a preview PNG.
 
     Returns the written paths by kind. Raises :class:`InputError` if an output exists and
     ``overwrite`` is off, before any work is done.
@@ -117,7 +126,8 @@ def segment_case(
     if existing and not settings.overwrite:
         raise InputError(f"{existing[0]}: exists; pass --overwrite to replace it")
 
-    preprocessing = evaluation_transforms(settings.spacing, settings.et_label, with_label=False)
+    convention = settings.convention
+    preprocessing = evaluation_transforms(settings.spacing, convention, with_label=False)
     data = preprocessing({IMAGE: case[IMAGE]})
     image = data[IMAGE]
     model.eval()
@@ -141,7 +151,7 @@ def segment_case(
             f"{case_id}: prediction {tuple(restored.shape[1:])} does not match "
             f"the input grid {tuple(spatial)}"
         )
-    labels = regions_to_labels(restored > settings.threshold, settings.et_label).numpy()
+    labels = regions_to_labels(restored > settings.threshold, convention.label_values).numpy()
     affine, header = reference.affine, reference.header
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_nifti(labels.astype(np.uint8), affine, header, outputs["labels"])
@@ -149,15 +159,16 @@ def segment_case(
         maps = np.moveaxis(restored.numpy().astype(np.float32), 0, -1)
         _save_nifti(maps, affine, header, outputs["probabilities"])
     if settings.preview:
-        background = np.asarray(nib.load(_first_path(case[IMAGE], index=3)).dataobj)
+        flair = 3 if convention.channel_order is None else convention.channel_order[3]
+        background = np.asarray(nib.load(_first_path(case[IMAGE], flair)).dataobj)
         if background.ndim == 4:
-            background = background[..., 0]
-        write_preview(background, labels, outputs["preview"], settings.et_label)
+            background = background[..., flair]
+        write_preview(background, labels, outputs["preview"], convention.label_values)
     return outputs
 
 
 def _first_path(image, index: int = 0) -> str:
-    """The path of modality ``index`` (0 = T1), or the 4D file."""
+    """The path of file ``index``, or the 4D file."""
     return str(image[index] if isinstance(image, (list, tuple)) else image)
 
 
@@ -172,14 +183,18 @@ def _save_nifti(array: np.ndarray, affine, header, path: Path) -> None:
     write_atomically(path, lambda tmp: nib.save(image, tmp), suffix=".nii.gz")
 
 
-def write_preview(background: np.ndarray, labels: np.ndarray, path: Path, et_label: int = 4):
+def write_preview(
+    background: np.ndarray, labels: np.ndarray, path: Path, values: Sequence[int] = (1, 2, 4)
+) -> None:
     """Axial, coronal and sagittal slices through the tumour's centre with the labels drawn
-    over the image: necrotic core red, oedema green, enhancing tumour yellow."""
+    over the image: necrotic core red, oedema green, enhancing tumour yellow (``values``:
+    the label values of the three, as in :func:`regions_to_labels`)."""
     tumour = np.argwhere(labels > 0)
     centre = (tumour.mean(0) if len(tumour) else np.array(labels.shape) / 2).astype(int)
     lo, hi = np.percentile(background[background > 0], [1, 99]) if background.any() else (0, 1)
     gray = np.clip((background - lo) / max(hi - lo, 1e-6), 0, 1)
-    colours = {1: (1.0, 0.1, 0.1), 2: (0.1, 0.9, 0.1), et_label: (1.0, 0.9, 0.1)}
+    rgb_of = ((1.0, 0.1, 0.1), (0.1, 0.9, 0.1), (1.0, 0.9, 0.1))
+    colours = dict(zip(values, rgb_of, strict=True))
     panels = []
     for axis in (2, 1, 0):
         index = [slice(None)] * 3

@@ -15,7 +15,14 @@ from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric
 from monai.utils import set_determinism
 
-from medinv.data.transforms import IMAGE, LABEL, evaluation_transforms, training_transforms
+from medinv.data.transforms import (
+    CANONICAL,
+    IMAGE,
+    LABEL,
+    Convention,
+    evaluation_transforms,
+    training_transforms,
+)
 from medinv.errors import InputError
 from medinv.inference.segmentation import predict_probabilities
 from medinv.models import build_model
@@ -62,8 +69,12 @@ def train_segmentation(
     device: torch.device,
     resume: bool = False,
     progress: Progress | None = None,
+    convention: Convention = CANONICAL,
 ) -> pd.DataFrame:
     """Train, validate every ``val_interval`` epochs, keep ``last.pt`` and ``best.pt``.
+
+    ``convention`` says how the cases' channel order and label values differ from BraTS
+    2018-2021's; the model always learns TC, WT, ET from canonically ordered contrasts.
 
     Writes ``out_dir/metrics.csv`` (one row per epoch: loss, Dice per region, time, peak
     memory) and returns it as a table. ``resume`` continues from ``out_dir/last.pt``.
@@ -89,7 +100,7 @@ def train_segmentation(
         start_epoch, best, history = state["epoch"], state["best"], list(state["history"])
 
     d = config.data
-    train_transforms = training_transforms(d.roi_size, d.spacing, d.et_label)
+    train_transforms = training_transforms(d.roi_size, d.spacing, convention)
     train_data = _loader_items(train_cases)
     train_ds = (
         CacheDataset(train_data, train_transforms, progress=False)
@@ -104,7 +115,7 @@ def train_segmentation(
         num_workers=t.num_workers,
         generator=generator,
     )
-    val_ds = Dataset(_loader_items(val_cases), evaluation_transforms(d.spacing, d.et_label))
+    val_ds = Dataset(_loader_items(val_cases), evaluation_transforms(d.spacing, convention))
     steps = min(len(loader), t.steps_per_epoch or len(loader))
 
     for epoch in range(start_epoch, t.epochs):

@@ -28,14 +28,14 @@ class AboveMean(nn.Module):
         return 50.0 * x[:, :3]
 
 
-def _oracle_labels(case, et_label=4):
+def _oracle_labels(case):
     """AboveMean's answer computed directly in the file's own voxel grid."""
     regions = []
     for path in case["image"][:3]:
         data = np.asarray(nib.load(path).dataobj, dtype=np.float64)
         brain = data != 0
         regions.append(brain & (data > data[brain].mean()))
-    return regions_to_labels(torch.from_numpy(np.stack(regions)), et_label).numpy()
+    return regions_to_labels(torch.from_numpy(np.stack(regions))).numpy()
 
 
 @pytest.mark.parametrize(
@@ -90,4 +90,24 @@ def test_regions_to_labels_follows_brats_nesting():
     regions[0, :2] = 1  # TC
     regions[2, :1] = 1  # ET
     assert regions_to_labels(regions).tolist() == [4, 1, 2, 0]
-    assert regions_to_labels(regions, et_label=3).tolist() == [3, 1, 2, 0]
+    assert regions_to_labels(regions, (1, 2, 3)).tolist() == [3, 1, 2, 0]
+    assert regions_to_labels(regions, (2, 1, 3)).tolist() == [3, 2, 1, 0]
+
+
+def test_four_dimensional_input_in_another_channel_order_and_label_convention(tmp_path):
+    from medinv.data.transforms import Convention
+
+    case = write_case(tmp_path / "in", "c2", shape=(20, 18, 12))
+    volumes = [np.asarray(nib.load(p).dataobj) for p in case["image"]]
+    # Decathlon order: FLAIR, T1, T1ce, T2 in one 4D file.
+    stacked = np.stack([volumes[3], volumes[0], volumes[1], volumes[2]], axis=-1)
+    path = tmp_path / "in" / "c2_4d.nii.gz"
+    nib.save(nib.Nifti1Image(stacked, nib.load(case["image"][0]).affine), path)
+    msd = Convention(channel_order=(1, 2, 3, 0), label_values=(2, 1, 3))
+    settings = SegmentationSettings(roi_size=None, convention=msd, preview=True)
+    record = {"case_id": "c2", "image": str(path)}
+    outputs = segment_case(AboveMean(), record, tmp_path / "out", settings, torch.device("cpu"))
+    labels = np.asarray(nib.load(outputs["labels"]).dataobj)
+    expected = _oracle_labels(case)  # in BraTS 2018-2021 values
+    remapped = np.select([expected == 1, expected == 2, expected == 4], [2, 1, 3], 0)
+    np.testing.assert_array_equal(labels, remapped)
