@@ -1,0 +1,297 @@
+"""MONAI transforms and a dataset for the k-space path (fastMRI files -> i-RIM inputs).
+
+Each transform has an array form and a dictionary form (``...d``, with ``keys`` and
+``allow_missing_keys``), as in MONAI. Items of :class:`KSpaceSliceDataset` are dictionaries:
+
+- ``kspace``: complex64 ``([C,] H, W)`` (a slice) or ``(S, [C,] H, W)`` (a volume);
+- ``target``: float32 ``(h, w)`` / ``(S, h, w)`` where the file has one;
+- ``mask``: float32 ``(W,)`` where the file has one (test files);
+- ``filename``, ``slice``, ``padding`` (acquired columns ``[left, right)`` from the header),
+  ``attrs`` (the file's attributes).
+
+A typical training pipeline::
+
+    Compose([
+        KSpaceMaskd("kspace", RandomMaskFunc([0.08], [4])),
+        ZeroFilledd("kspace", output_key="zero_filled"),
+        NormalizeKSpaced("kspace", reference_key="zero_filled", other_keys=("target",)),
+    ])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Transform
+from torch.utils.data import Dataset
+
+from medinv.mri.fft import center_crop, ifft2c, rss
+from medinv.mri.io import KSpaceFile
+from medinv.mri.masks import MaskFunc, Seed, apply_mask, seed_from_name
+
+
+class KSpaceMask(Transform):
+    """Undersample k-space ``([C,] H, W)``: ``y = M k``, columns outside ``padding`` unsampled.
+
+    Args:
+        mask_func: draws the mask.
+    """
+
+    def __init__(self, mask_func: MaskFunc) -> None:
+        self.mask_func = mask_func
+
+    def __call__(
+        self, kspace: torch.Tensor, seed: Seed = None, padding: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Returns ``(masked k-space, mask (W,), num_low_frequencies)``."""
+        masked, mask, num_low = apply_mask(kspace, self.mask_func, seed=seed, padding=padding)
+        return masked, mask.flatten(), num_low
+
+
+class KSpaceMaskd(MapTransform):
+    """Dictionary form of :class:`KSpaceMask`.
+
+    The seed is :func:`~medinv.mri.masks.seed_from_name` of ``data["filename"]`` when
+    ``use_seed`` (every slice of a volume gets the same mask, as in fastMRI); the header's
+    ``data["padding"]`` is respected. An item that already holds a ``mask`` (a test file)
+    keeps it. Writes ``mask`` (float32 ``(W,)``) and ``num_low_frequencies``.
+
+    Args:
+        keys: k-space keys.
+        mask_func: draws the mask.
+        use_seed: seed from the file name; otherwise the mask function's own generator.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_func: MaskFunc,
+        use_seed: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.masker = KSpaceMask(mask_func)
+        self.use_seed = use_seed
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d.get("mask") is not None:
+                d[key] = d[key] * d["mask"].to(d[key].real.dtype)
+                d.setdefault("num_low_frequencies", d.get("attrs", {}).get("num_low_frequency"))
+                continue
+            seed = seed_from_name(d["filename"]) if self.use_seed else None
+            d[key], d["mask"], d["num_low_frequencies"] = self.masker(
+                d[key], seed=seed, padding=d.get("padding")
+            )
+        return d
+
+
+class ZeroFilled(Transform):
+    """Zero-filled image of k-space ``([C,] H, W)``: ``F^H y``, then RSS over coils
+    (``combine="rss"``, real ``(H, W)``) or not (``combine=None``, complex), optionally
+    centre-cropped to ``crop``.
+
+    Args:
+        combine: ``"rss"`` or ``None``.
+        crop: ``(h, w)`` or ``None``.
+        coil_dim: the coil axis of multi-coil input, ``None`` for single-coil
+            (then ``"rss"`` takes the magnitude).
+    """
+
+    def __init__(
+        self,
+        combine: str | None = "rss",
+        crop: Sequence[int] | None = None,
+        coil_dim: int | None = -3,
+    ) -> None:
+        if combine not in ("rss", None):
+            raise ValueError(f"combine must be 'rss' or None, got {combine!r}")
+        self.combine, self.crop, self.coil_dim = combine, crop, coil_dim
+
+    def __call__(self, kspace: torch.Tensor) -> torch.Tensor:
+        image = ifft2c(kspace)
+        if self.combine == "rss":
+            image = rss(image, dim=self.coil_dim) if self.coil_dim is not None else image.abs()
+        return center_crop(image, self.crop) if self.crop is not None else image
+
+
+class ZeroFilledd(MapTransform):
+    """Dictionary form of :class:`ZeroFilled`; writes to ``output_key`` (default: in place).
+
+    Multi-coil is recognised per item by the rank of k-space: ``kspace.ndim`` of 3 for a
+    slice (``(C, H, W)``), 4 for a volume (``(S, C, H, W)``) when ``volume`` is set.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_key: str | None = None,
+        combine: str | None = "rss",
+        crop: Sequence[int] | None = None,
+        volume: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_key, self.combine, self.crop, self.volume = output_key, combine, crop, volume
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            multicoil = d[key].ndim == (4 if self.volume else 3)
+            transform = ZeroFilled(self.combine, self.crop, -3 if multicoil else None)
+            d[self.output_key or key] = transform(d[key])
+        return d
+
+
+class NormalizeKSpace(Transform):
+    """Divide k-space by ``scale = max |reference|`` (e.g. its zero-filled image).
+
+    Args:
+        eps: lower bound of the scale.
+    """
+
+    def __init__(self, eps: float = 1e-12) -> None:
+        self.eps = eps
+
+    def __call__(
+        self, kspace: torch.Tensor, reference: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(kspace / scale, scale)``."""
+        scale = _peak(reference, self.eps)
+        return kspace / scale, scale
+
+
+class NormalizeKSpaced(MapTransform):
+    """Divide k-space and related images by one scale per item, recorded in ``scale``.
+
+    The scale is ``max |data[reference_key]|`` (e.g. the zero-filled image), so the network
+    sees inputs of unit peak; the same factor applies to ``keys`` and ``other_keys`` (the
+    target, the zero-filled image), which keeps ``y = A x`` consistent. Multiply by ``scale``
+    to return to file units.
+
+    Args:
+        keys: k-space keys.
+        reference_key: the image whose peak sets the scale.
+        other_keys: further keys divided by the same scale, where present.
+        eps: lower bound of the scale.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reference_key: str = "zero_filled",
+        other_keys: Sequence[str] = ("target", "zero_filled"),
+        eps: float = 1e-12,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key, self.other_keys, self.eps = reference_key, tuple(other_keys), eps
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        scale = _peak(d[self.reference_key], self.eps)
+        for key in [*self.key_iterator(d), *(k for k in self.other_keys if k in d)]:
+            d[key] = d[key] / scale
+        d["scale"] = scale
+        return d
+
+
+class ComplexCenterCrop(Transform):
+    """Centre-crop the last two axes of a real or complex tensor to ``size`` with fastMRI's
+    window (see :class:`ComplexCenterCropd`)."""
+
+    def __init__(self, size: Sequence[int]) -> None:
+        self.size = tuple(size)
+
+    def __call__(self, data: torch.Tensor) -> torch.Tensor:
+        return center_crop(data, self.size)
+
+
+class ComplexCenterCropd(MapTransform):
+    """Centre-crop the last two axes of real or complex tensors with fastMRI's window.
+
+    MONAI's ``CenterSpatialCropd`` starts the window at ``n // 2 - m // 2``; fastMRI (and the
+    targets in its files) at ``(n - m) // 2``. They differ when ``n - m`` is odd, so this
+    transform keeps fastMRI's convention (:func:`medinv.mri.fft.center_crop`).
+    """
+
+    def __init__(
+        self, keys: KeysCollection, size: Sequence[int], allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.cropper = ComplexCenterCrop(size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.cropper(d[key])
+        return d
+
+
+class KSpaceSliceDataset(Dataset):
+    """Slices (or whole volumes) of fastMRI files, read lazily one item at a time.
+
+    Opening the dataset reads each file's header only; an item opens its file, reads one
+    slice (or each slice of the volume in turn) and closes it, so workers never share
+    file handles.
+
+    Args:
+        files: ``.h5`` files, or one folder whose ``*.h5`` files are used.
+        transform: applied to each item dictionary (e.g. a MONAI ``Compose``).
+        volumes: yield whole volumes instead of slices.
+
+    Raises:
+        InputError: a file is not a valid fastMRI file (one line naming it).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        transform: Any = None,
+        volumes: bool = False,
+    ) -> None:
+        if isinstance(files, (str, os.PathLike)):
+            folder = Path(files)
+            paths = sorted(folder.glob("*.h5")) if folder.is_dir() else [folder]
+        else:
+            paths = [Path(f) for f in files]
+        self.transform, self.volumes = transform, volumes
+        self.index: list[tuple[Path, int | None]] = []
+        for path in paths:
+            with KSpaceFile(path) as f:
+                slices = [None] if volumes else list(range(f.num_slices))
+            self.index += [(path, s) for s in slices]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[Hashable, Any]:
+        path, slice_index = self.index[i]
+        with KSpaceFile(path) as f:
+            indices = range(f.num_slices) if slice_index is None else [slice_index]
+            kspace = [f.kspace(s) for s in indices]
+            item: dict[Hashable, Any] = {
+                "filename": path.name,
+                "slice": -1 if slice_index is None else slice_index,
+                "padding": f.header.padding,
+                "attrs": f.attrs,
+            }
+            if f.target_key is not None:
+                targets = [f.target(s) for s in indices]
+                item["target"] = torch.stack(targets) if slice_index is None else targets[0]
+            mask = f.mask()
+            if mask is not None:
+                item["mask"] = mask
+        item["kspace"] = torch.stack(kspace) if slice_index is None else kspace[0]
+        return self.transform(item) if self.transform is not None else item
+
+
+def _peak(reference: torch.Tensor, eps: float) -> torch.Tensor:
+    return reference.abs().max().clamp_min(eps)
