@@ -29,9 +29,17 @@ test: install data
 lint: install
 	$(BIN)/ruff check .
 
+DEMO := data/demo
+
 demo: install data
 	$(BIN)/medinv doctor
 	$(BIN)/python pipelines/engine_demo.py
+	$(BIN)/medinv data brats-like --out $(DEMO)/brats_like --size small --train 0 --test 2 \
+		--seed 1 --overwrite
+	$(BIN)/medinv segment $(DEMO)/brats_like/test --out $(DEMO)/segmentation --preview \
+		--overwrite
+	$(BIN)/medinv evaluate segmentation --pred $(DEMO)/segmentation \
+		--truth $(DEMO)/brats_like/test --out $(DEMO)/segmentation_metrics.csv --overwrite
 
 bench-peers: install
 	$(BIN)/pip install --no-deps iunets==0.1 memcnn==1.5.2

@@ -18,6 +18,9 @@ def write_atomically(path: Path, write: Callable[[str], object], suffix: str = "
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as an ordinary open() would have created it
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -208,4 +208,6 @@ def write_preview(
     height = max(p.shape[0] for p in panels)
     panels = [np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0))) for p in panels]
     picture = (np.concatenate(panels, axis=1) * 255).astype(np.uint8)
+    zoom = max(1, 240 // height)  # small (low-resolution) volumes are shown enlarged
+    picture = picture.repeat(zoom, axis=0).repeat(zoom, axis=1)
     write_atomically(path, lambda tmp: imageio.imwrite(tmp, picture, format="png"), ".png")

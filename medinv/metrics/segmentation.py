@@ -15,6 +15,7 @@ Regions: WT = {1, 2, ET}, TC = {1, ET}, ET = {ET} with ET = 4 (BraTS 2018-2021) 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,11 +56,12 @@ def region_metrics(
     elif empty_p or empty_t:
         hd95 = HD95_EMPTY_PENALTY
     else:
-        hd95 = float(
-            compute_hausdorff_distance(
+        with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal call
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+            distance = compute_hausdorff_distance(
                 p, t, include_background=True, percentile=95, spacing=[float(s) for s in spacing]
             )
-        )
+        hd95 = float(distance)
     return {"dice": dice, "sensitivity": sensitivity, "specificity": specificity, "hd95": hd95}
 
 

@@ -8,6 +8,7 @@ arguments, the state dict, and optionally optimizer state, epoch and metrics.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,7 @@ def bundled_weights(name: str) -> Path:
     card = WEIGHTS_DIR / f"{name}.md"
     if not path.is_file() or not card.is_file():
         raise InputError(f"bundled model '{name}' is not installed (looked in {WEIGHTS_DIR})")
-    expected = next(
-        (line.split("`")[1] for line in card.read_text().splitlines() if "SHA-256" in line), None
-    )
-    if expected is None or sha256(path) != expected:
+    found = re.search(r"SHA-256\D*?\b([0-9a-f]{64})\b", card.read_text())
+    if found is None or sha256(path) != found.group(1):
         raise InputError(f"{path}: SHA-256 does not match its model card {card.name}")
     return path
