@@ -1,7 +1,7 @@
 """Invertible building blocks and the memory-efficient engine (depends on torch only)."""
 
 from .actnorm import ActNorm, ChannelSplit
-from .base import InvertibleModule
+from .base import InvertibleModule, chain_context, using_context
 from .coupling import AdditiveCoupling, AffineCoupling
 from .engine import ChannelSubset, InvertibleSequential
 from .orthogonal import OrthogonalConv, orthogonal_matrix
@@ -18,6 +18,8 @@ __all__ = [
     "InvertibleSequential",
     "InvertibleUpsampling",
     "OrthogonalConv",
+    "chain_context",
     "haar_matrix",
     "orthogonal_matrix",
+    "using_context",
 ]

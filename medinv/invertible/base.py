@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +72,29 @@ class InvertibleModule(nn.Module):
                 outputs, grad_outputs = [y_graph, log_det], [grad_y, grad_log_det]
         grad_x, grads = vjp(outputs, grad_outputs, x, params)
         return x.detach(), grad_x, grads
+
+
+_CONTEXT: ContextVar[Any] = ContextVar("medinv_chain_context", default=None)
+
+
+def chain_context() -> Any:
+    """The ``context`` the running chain was called with, or None.
+
+    Blocks whose map depends on data besides their input read it here (the i-RIM's
+    measurements and forward operator, for instance); the engine makes the same context
+    current again when it recomputes the block in backward.
+    """
+    return _CONTEXT.get()
+
+
+@contextmanager
+def using_context(context: Any) -> Iterator[None]:
+    """Make ``context`` what :func:`chain_context` returns inside the block."""
+    token = _CONTEXT.set(context)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
 
 
 def zero_log_det(x: Tensor) -> Tensor:

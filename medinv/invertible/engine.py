@@ -22,12 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .base import InvertibleModule
+from .base import InvertibleModule, chain_context, using_context
 
 
 class InvertibleSequential(InvertibleModule):
@@ -85,16 +86,20 @@ class InvertibleSequential(InvertibleModule):
             program.extend(_flatten(block))
         return program
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._run(x, with_log_det=False)
+    def forward(self, x: Tensor, context: Any = None) -> Tensor:
+        """``context``: data the blocks read with :func:`chain_context` (e.g. measurements)."""
+        with using_context(context):
+            return self._run(x, with_log_det=False)
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._run(x, with_log_det=True)
+    def forward_and_log_det(self, x: Tensor, context: Any = None) -> tuple[Tensor, Tensor]:
+        with using_context(context):
+            return self._run(x, with_log_det=True)
 
-    def inverse(self, y: Tensor) -> Tensor:
-        for block in reversed(self.blocks):
-            y = block.inverse(y)
-        return y
+    def inverse(self, y: Tensor, context: Any = None) -> Tensor:
+        with using_context(context):
+            for block in reversed(self.blocks):
+                y = block.inverse(y)
+            return y
 
     def _run(self, x: Tensor, with_log_det: bool):
         program = self._program()
@@ -106,7 +111,9 @@ class InvertibleSequential(InvertibleModule):
         if not (x.requires_grad or params):
             return _forward_program(program, x, with_log_det)
         buffers = [b for _, b in states]
-        run = _ChainRun(program, slots, buffers, params, with_log_det, self.preserve_rng_state)
+        run = _ChainRun(
+            program, slots, buffers, params, with_log_det, self.preserve_rng_state, chain_context()
+        )
         return _ChainFunction.apply(x, run, *params)
 
     def extra_repr(self) -> str:
@@ -261,6 +268,7 @@ class _ChainRun:
     params: list[nn.Parameter]
     with_log_det: bool
     preserve_rng_state: bool
+    context: Any
     input_dtypes: list[torch.dtype] = field(default_factory=list)
     rng_states: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)
     autocast: _AutocastState | None = None
@@ -329,7 +337,7 @@ class _ChainRun:
             outer = torch.get_rng_state(), self._get_cuda_rng_state()
             self._set_rng_state(self.rng_states[k])
         try:
-            with self.autocast.enter():
+            with self.autocast.enter(), using_context(self.context):
                 yield
         finally:
             if self.preserve_rng_state:

@@ -274,3 +274,33 @@ def test_channel_subsets_match_autograd_and_invert():
         standalone = chain.blocks[1]
         expected = torch.cat([x[:, :2], standalone.inner(x[:, 2:])], dim=1)
         assert_close64(standalone(x), expected)
+
+
+class _Scaled(nn.Module):
+    """A coupling function that multiplies by the chain's context (data, not a parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        from medinv.invertible import chain_context
+
+        return torch.tanh(self.conv(x)) * chain_context()
+
+
+def test_context_reaches_blocks_in_forward_inverse_and_recompute():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    context = torch.rand(1, 2, 8, 8, dtype=torch.float64) + 0.5
+    results = []
+    for memory_efficient in (False, True):
+        torch.manual_seed(1)
+        blocks = [AdditiveCoupling(_Scaled(), _Scaled()) for _ in range(3)]
+        chain = InvertibleSequential(*blocks, memory_efficient=memory_efficient).double()
+        y = chain(x, context=context)
+        results.append(torch.autograd.grad(y.square().sum(), [x, *chain.parameters()]))
+        with torch.no_grad():
+            assert_close64(chain.inverse(chain(x, context=context), context=context), x)
+    for got, want in zip(results[1], results[0], strict=True):
+        assert_close64(got, want)
