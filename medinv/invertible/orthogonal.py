@@ -46,9 +46,14 @@ def orthogonal_weight(theta: Tensor, parametrization: Parametrization) -> Tensor
 
     The matrices are small, so the extra precision costs nothing measurable and keeps
     ``W W^T = I`` to the rounding of ``theta``'s dtype, which exact inversion relies on.
+    The map from ``theta`` stays smooth, so gradients are those of the matrix returned.
     """
     with torch.autocast(theta.device.type, enabled=False):
-        return orthogonal_matrix(theta.double(), parametrization).to(theta.dtype)
+        w = orthogonal_matrix(theta.double(), parametrization)
+        # One Newton step towards the polar factor, W (3I - W^T W) / 2, squares the
+        # orthogonality error that matrix_exp's truncated series leaves (about 1e-12).
+        eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+        return (w @ (1.5 * eye - 0.5 * w.mT @ w)).to(theta.dtype)
 
 
 def initial_parameters(

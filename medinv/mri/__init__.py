@@ -4,7 +4,12 @@ Depends on torch and NumPy; h5py is imported by :mod:`medinv.mri.io` only, which
 imported here.
 """
 
-from medinv.mri.coils import birdcage_maps, espirit_maps, normalize_sensitivities
+from medinv.mri.coils import (
+    acs_sensitivities,
+    birdcage_maps,
+    espirit_maps,
+    normalize_sensitivities,
+)
 from medinv.mri.fft import center_crop, fft2c, ifft2c, rss
 from medinv.mri.masks import (
     EquispacedMaskFractionFunc,
@@ -31,6 +36,7 @@ __all__ = [
     "birdcage_maps",
     "center_crop",
     "create_mask_func",
+    "acs_sensitivities",
     "espirit_maps",
     "fft2c",
     "ifft2c",
