@@ -6,7 +6,9 @@ from typing import Any
 
 from torch import nn
 
+from .irim import IRIM
 from .iunet import IUNet
+from .rim import RIM
 
 
 def _segresnet(**kwargs: Any) -> nn.Module:
@@ -16,7 +18,9 @@ def _segresnet(**kwargs: Any) -> nn.Module:
     return SegResNet(**kwargs)
 
 
-_BUILDERS = {"iunet": IUNet, "segresnet": _segresnet}
+_BUILDERS = {"iunet": IUNet, "irim": IRIM, "rim": RIM, "segresnet": _segresnet}
+#: Keyword arguments that are tuples in the constructors but lists in JSON or YAML.
+_TUPLES = ("architecture", "dilations")
 
 
 def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
@@ -24,6 +28,7 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
     if kind not in _BUILDERS:
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(_BUILDERS)}")
     config = dict(config)
-    if "architecture" in config:
-        config["architecture"] = tuple(config["architecture"])
+    for key in _TUPLES:
+        if key in config:
+            config[key] = tuple(config[key])
     return _BUILDERS[kind](**config)
