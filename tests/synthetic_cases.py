@@ -1,4 +1,4 @@
-"""Tiny BraTS-layout cases written with nibabel, for pipeline tests that need no anatomy."""
+"""Small synthetic inputs (BraTS-layout cases, head-like anatomy): no fetched data needed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from medinv.errors import ResourceError
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -47,3 +49,23 @@ def write_case(root: Path, case_id: str, shape=(40, 36, 28), seed: int = 0, affi
     label_path = folder / f"{case_id}_seg.nii.gz"
     nib.save(nib.Nifti1Image(label, affine), label_path)
     return {"case_id": case_id, "image": paths, "label": str(label_path)}
+
+
+def synthetic_anatomy(tmp_path: Path, with_colin: bool = True):
+    """A locator returning small head-like NIfTI volumes, different per anatomy name."""
+    paths = {}
+    names = ["icbm152/t1", "icbm152/t2"] + (["colin27/t1"] if with_colin else [])
+    for i, name in enumerate(names):
+        z, y, x = np.mgrid[:24, :30, :28]
+        head = ((x - 14) / 12) ** 2 + ((y - 15) / 13) ** 2 + ((z - 12) / 11) ** 2 < 1
+        texture = 1 + 0.5 * np.sin(x / (2 + i)) * np.cos(y / 3) * np.sin(z / 4 + i)
+        path = tmp_path / f"{name.replace('/', '_')}.nii.gz"
+        nib.save(nib.Nifti1Image((head * texture * 100).astype(np.float32).T, np.eye(4)), path)
+        paths[name] = path
+
+    def locate(name: str) -> Path:
+        if name not in paths:
+            raise ResourceError(f"sample anatomy '{name}' is missing")
+        return paths[name]
+
+    return locate

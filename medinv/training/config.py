@@ -104,8 +104,82 @@ class SegmentationConfig(_Strict):
         }
 
 
-def load_config(path: Path) -> SegmentationConfig:
-    """Read and validate a YAML config; relative paths are taken from the config's folder."""
+class ReconstructionData(_Strict):
+    train: Path = Field(description="folder of fully sampled fastMRI training files")
+    val: Path | None = Field(None, description="folder of fully sampled validation files")
+    challenge: Literal["multicoil", "singlecoil"] = "multicoil"
+    mask_type: Literal["random", "equispaced", "equispaced_fraction"] = "random"
+    center_fractions: list[float] = Field(default_factory=lambda: [0.08, 0.04])
+    accelerations: list[int] = Field(default_factory=lambda: [4, 8])
+    sensitivities: Literal["acs", "espirit"] = "acs"
+
+    @model_validator(mode="after")
+    def _paired(self) -> ReconstructionData:
+        if len(self.center_fractions) != len(self.accelerations):
+            raise ValueError("center_fractions and accelerations must pair up one to one")
+        return self
+
+
+class ReconstructionModel(_Strict):
+    kind: Literal["irim", "rim"] = "irim"
+    dim: Literal[2] = 2
+    state_channels: int = Field(64, ge=4)
+    steps: int = Field(8, ge=1)
+    layers_per_step: int = Field(10, ge=1)
+    dilations: list[int] = Field(default_factory=lambda: [1, 1, 2, 2, 4, 4, 2, 2, 1, 1])
+    hidden_channels: int = Field(64, ge=1)
+    shared_weights: bool = False
+    memory_efficient: bool = True
+
+    def kwargs(self) -> dict:
+        if self.kind == "rim":
+            return {"steps": self.steps, "hidden_channels": self.hidden_channels}
+        return self.model_dump(exclude={"kind"})
+
+
+class ReconstructionTraining(_Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(1, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap; None: one pass")
+    time_budget_minutes: float | None = Field(None, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    lr_step_epochs: int = Field(10, ge=1, description="the learning rate drops every ...")
+    lr_gamma: float = Field(0.5, gt=0, le=1)
+    ssim_weight: float = Field(1.0, ge=0)
+    l1_weight: float = Field(1.0, ge=0)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    grad_clip: float | None = Field(1.0, gt=0)
+    val_interval: int = Field(1, ge=1)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+
+
+class ReconstructionConfig(_Strict):
+    task: Literal["reconstruct"]
+    data: ReconstructionData
+    model: ReconstructionModel = ReconstructionModel()
+    train: ReconstructionTraining = ReconstructionTraining()
+
+    @model_validator(mode="after")
+    def _layers_match_dilations(self) -> ReconstructionConfig:
+        m = self.model
+        if m.kind == "irim" and len(m.dilations) != m.layers_per_step:
+            raise ValueError(
+                f"model.dilations has {len(m.dilations)} entries for "
+                f"{m.layers_per_step} layers per step"
+            )
+        return self
+
+
+Config = SegmentationConfig | ReconstructionConfig
+_TASKS = {"segment": SegmentationConfig, "reconstruct": ReconstructionConfig}
+
+
+def load_config(path: Path, task: str | None = None) -> Config:
+    """Read and validate a YAML config; relative paths are taken from the config's folder.
+
+    ``task`` (``"segment"`` or ``"reconstruct"``), when given, must match the config's own.
+    """
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as err:
@@ -114,13 +188,21 @@ def load_config(path: Path) -> SegmentationConfig:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    if raw.get("task") not in _TASKS:
+        raise ConfigError(
+            f"{path}: task must be one of {', '.join(_TASKS)}, got {raw.get('task')!r}"
+        )
+    if task is not None and raw["task"] != task:
+        raise ConfigError(f"{path}: a '{raw['task']}' config, not a '{task}' one")
     try:
-        config = SegmentationConfig.model_validate(raw)
+        config = _TASKS[raw["task"]].model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors()
         )
         raise ConfigError(f"{path}: {problems}") from err
-    if not config.data.manifest.is_absolute():
-        config.data.manifest = (path.parent / config.data.manifest).resolve()
+    for field in ("manifest", "train", "val"):
+        value = getattr(config.data, field, None)
+        if value is not None and not value.is_absolute():
+            setattr(config.data, field, (path.parent / value).resolve())
     return config

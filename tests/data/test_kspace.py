@@ -11,16 +11,17 @@ import json
 from pathlib import Path
 
 import h5py
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from medinv.data.anatomy import anatomy_status
 from medinv.data.kspace import KSpaceSetConfig, build_kspace_set
-from medinv.errors import InputError, ResourceError
+from medinv.errors import InputError
 from medinv.mri import create_mask_func, seed_from_name
 from medinv.mri.io import KSpaceFile
+
+from ..synthetic_cases import synthetic_anatomy
 
 SCHEMA = Path(__file__).resolve().parents[2] / "data_manifests" / "kspace_manifest.schema.json"
 MATRIX = 48
@@ -33,30 +34,10 @@ SMALL = KSpaceSetConfig(
 )
 
 
-def _synthetic_anatomy(tmp_path: Path, with_colin: bool = True):
-    """A locator returning small head-like NIfTI volumes, different per anatomy name."""
-    paths = {}
-    names = ["icbm152/t1", "icbm152/t2"] + (["colin27/t1"] if with_colin else [])
-    for i, name in enumerate(names):
-        z, y, x = np.mgrid[:24, :30, :28]
-        head = ((x - 14) / 12) ** 2 + ((y - 15) / 13) ** 2 + ((z - 12) / 11) ** 2 < 1
-        texture = 1 + 0.5 * np.sin(x / (2 + i)) * np.cos(y / 3) * np.sin(z / 4 + i)
-        path = tmp_path / f"{name.replace('/', '_')}.nii.gz"
-        nib.save(nib.Nifti1Image((head * texture * 100).astype(np.float32).T, np.eye(4)), path)
-        paths[name] = path
-
-    def locate(name: str) -> Path:
-        if name not in paths:
-            raise ResourceError(f"sample anatomy '{name}' is missing")
-        return paths[name]
-
-    return locate
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("kspace")
-    result = build_kspace_set(tmp / "set", SMALL, anatomy=_synthetic_anatomy(tmp))
+    result = build_kspace_set(tmp / "set", SMALL, anatomy=synthetic_anatomy(tmp))
     return tmp / "set", result
 
 
@@ -188,7 +169,7 @@ def test_subjects_are_kept_apart_between_splits(built) -> None:
 
 def test_build_is_deterministic_from_the_seed(built, tmp_path: Path) -> None:
     out, _ = built
-    locate = _synthetic_anatomy(tmp_path)
+    locate = synthetic_anatomy(tmp_path)
     config = KSpaceSetConfig(
         seed=7, volumes={"train": 1, "val": 0, "test": 0}, slices=2, matrix=MATRIX, coils=(8, 10)
     )
@@ -213,14 +194,14 @@ def test_without_the_held_out_subject_the_note_says_so(tmp_path: Path) -> None:
         coils=(8, 8),
         challenges=("singlecoil",),
     )
-    result = build_kspace_set(tmp_path / "s", config, anatomy=_synthetic_anatomy(tmp_path, False))
+    result = build_kspace_set(tmp_path / "s", config, anatomy=synthetic_anatomy(tmp_path, False))
     assert len(result.notes) == 1 and "colin27" in result.notes[0]
     assert {r["subject"] for r in result.rows} == {"icbm152"}
 
 
 def test_existing_files_are_not_overwritten(tmp_path: Path) -> None:
     config = KSpaceSetConfig(volumes={"train": 1}, slices=1, matrix=32, coils=(8, 8))
-    locate = _synthetic_anatomy(tmp_path)
+    locate = synthetic_anatomy(tmp_path)
     build_kspace_set(tmp_path / "s", config, anatomy=locate)
     with pytest.raises(InputError, match="exists"):
         build_kspace_set(tmp_path / "s", config, anatomy=locate)
@@ -249,7 +230,7 @@ def test_existing_files_are_not_overwritten(tmp_path: Path) -> None:
 )
 def test_bad_configurations_are_input_errors(changes: dict, tmp_path: Path) -> None:
     with pytest.raises(InputError):
-        build_kspace_set(tmp_path, KSpaceSetConfig(**changes), anatomy=_synthetic_anatomy(tmp_path))
+        build_kspace_set(tmp_path, KSpaceSetConfig(**changes), anatomy=synthetic_anatomy(tmp_path))
 
 
 def test_small_set_from_the_real_anatomy(tmp_path: Path) -> None:

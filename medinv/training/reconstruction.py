@@ -1,0 +1,256 @@
+"""Training loop for i-RIM (and the RIM baseline) on fastMRI-style k-space."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.losses import SSIMLoss
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, default_collate
+
+from medinv.data.kspace_transforms import KSpaceMaskd, KSpaceSliceDataset
+from medinv.errors import ConfigError
+from medinv.inference.reconstruction import magnitude_crop, prepare
+from medinv.metrics.reconstruction import volume_metrics
+from medinv.models import build_model
+from medinv.mri.masks import create_mask_func
+
+from .checkpoint import read_checkpoint, save_checkpoint
+from .config import ReconstructionConfig
+
+Progress = Callable[[str, int, int], None]
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Keep:
+    """Keep what a training batch needs (collatable), dropping file attributes."""
+
+    def __init__(self, masker: KSpaceMaskd):
+        self.masker = masker
+
+    def __call__(self, item: dict) -> dict:
+        item = self.masker(item)
+        return {
+            "kspace": item["kspace"],
+            "mask": item["mask"],
+            "num_low_frequencies": int(item["num_low_frequencies"]),
+            "target": item["target"],
+            "filename": item["filename"],
+            "slice": item["slice"],
+        }
+
+
+def slice_dataset(
+    folder: Path,
+    config: ReconstructionConfig,
+    fixed_masks: bool,
+    accelerations: list[int] | None = None,
+    fractions: list[float] | None = None,
+):
+    """Slices of ``folder`` undersampled on the fly: random masks for training, the file
+    name's fastMRI mask for validation (``fixed_masks``)."""
+    d = config.data
+    mask_func = create_mask_func(
+        d.mask_type, fractions or d.center_fractions, accelerations or d.accelerations
+    )
+    return KSpaceSliceDataset(
+        folder, transform=_Keep(KSpaceMaskd("kspace", mask_func, fixed_masks))
+    )
+
+
+class ReconstructionLoss(nn.Module):
+    """``w_ssim (1 - SSIM) + w_l1 L1`` of magnitudes on the target grid, both divided by the
+    target's peak (MONAI's SSIM, 7x7 window, K1 0.01, K2 0.03 as fastMRI's evaluation)."""
+
+    def __init__(self, ssim_weight: float, l1_weight: float):
+        super().__init__()
+        self.ssim = SSIMLoss(spatial_dims=2, data_range=1.0, win_size=7, k1=0.01, k2=0.03)
+        self.ssim_weight, self.l1_weight = ssim_weight, l1_weight
+
+    def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
+        peak = target.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+        p, t = (prediction / peak).unsqueeze(1), (target / peak).unsqueeze(1)
+        return self.ssim_weight * self.ssim(p, t) + self.l1_weight * (p - t).abs().mean()
+
+
+def _estimates(model: nn.Module, kind: str, measurement) -> list[Tensor]:
+    """The estimates the loss averages over: every time step for the RIM, the last for IRIM."""
+    args = (measurement.kspace, measurement.mask, measurement.sensitivities)
+    outputs = model(*args, return_all=True) if kind == "rim" else [model(*args)]
+    return [o * measurement.scale.view(-1, 1, 1).to(o.real.dtype) for o in outputs]
+
+
+def train_reconstruction(
+    config: ReconstructionConfig,
+    out_dir: Path,
+    device: torch.device,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Train; validate every ``val_interval`` epochs (NMSE, PSNR, SSIM per volume at each
+    acceleration); keep ``last.pt`` and ``best.pt`` (best validation SSIM); write
+    ``metrics.csv`` and TensorBoard logs under ``out_dir``. Returns the epoch table."""
+    t, d = config.train, config.data
+    torch.manual_seed(t.seed)
+    kind, kwargs = config.model.kind, config.model.kwargs()
+    model = build_model(kind, kwargs).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_step_epochs, t.lr_gamma)
+    loss_fn = ReconstructionLoss(t.ssim_weight, t.l1_weight)
+    amp = _AMP[t.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    history: list[dict[str, Any]] = []
+    start_epoch, best = 0, -float("inf")
+    if resume and (out_dir / "last.pt").is_file():
+        state = read_checkpoint(out_dir / "last.pt")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, history = state["epoch"], state["best"], list(state["history"])
+
+    train_ds = slice_dataset(d.train, config, fixed_masks=False)
+    generator = torch.Generator().manual_seed(t.seed)
+    loader = DataLoader(
+        train_ds,
+        batch_size=t.batch_size,
+        shuffle=True,
+        num_workers=t.num_workers,
+        generator=generator,
+    )
+    steps = min(len(loader), t.steps_per_epoch or len(loader))
+    writer = _tensorboard(out_dir)
+    multicoil = d.challenge == "multicoil"
+
+    for epoch in range(start_epoch, t.epochs):
+        model.train()
+        started = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        losses = []
+        for step, batch in enumerate(loader):
+            if step == steps:
+                break
+            measurement = prepare(
+                batch["kspace"],
+                batch["mask"],
+                int(batch["num_low_frequencies"].min()),
+                multicoil,
+                d.sensitivities,
+            ).to(device)
+            target = batch["target"].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                estimates = _estimates(model, kind, measurement)
+            losses_t = [
+                loss_fn(magnitude_crop(e, target.shape[-2:]).float(), target) for e in estimates
+            ]
+            loss = torch.stack(losses_t).mean()
+            scaler.scale(loss).backward()
+            if t.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            if progress:
+                progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
+        scheduler.step()
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "train_seconds": time.perf_counter() - started,
+        }
+        if device.type == "cuda":
+            row["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if d.val is not None and ((epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs):
+            row.update(validate(model, config, device))
+        history.append(row)
+        for key, value in row.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, epoch + 1)
+        score = row.get("SSIM", -row["loss"])
+        extra = {"config": config.model_dump(mode="json"), "epoch": epoch + 1, "history": history}
+        if score > best:
+            best = score
+            save_checkpoint(out_dir / "best.pt", kind, kwargs, model, **extra)
+        save_checkpoint(
+            out_dir / "last.pt",
+            kind,
+            kwargs,
+            model,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            best=best,
+            **extra,
+        )
+        pd.DataFrame(history).to_csv(out_dir / "metrics.csv", index=False)
+        used = sum(r["train_seconds"] for r in history) / 60
+        if t.time_budget_minutes is not None and used >= t.time_budget_minutes:
+            break
+    writer.close()
+    return pd.DataFrame(history)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, config: ReconstructionConfig, device: torch.device) -> dict:
+    """Mean NMSE, PSNR and SSIM over validation volumes, at each acceleration
+    (``SSIM_4x``, ...) and averaged (``SSIM``, ...); fixed fastMRI masks per file."""
+    d = config.data
+    model.eval()
+    results: dict[str, float] = {}
+    per_acceleration = []
+    for fraction, acceleration in zip(d.center_fractions, d.accelerations, strict=True):
+        dataset = slice_dataset(d.val, config, True, [acceleration], [fraction])
+        slices: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+        for item in DataLoader(dataset, batch_size=1):
+            measurement = prepare(
+                item["kspace"],
+                item["mask"],
+                int(item["num_low_frequencies"]),
+                d.challenge == "multicoil",
+                d.sensitivities,
+            ).to(device)
+            target = item["target"][0]
+            estimate = _estimates(model, config.model.kind, measurement)[-1]
+            image = magnitude_crop(estimate, target.shape[-2:])[0].float().cpu()
+            slices[item["filename"][0]][int(item["slice"])] = (target.numpy(), image.numpy())
+        rows = []
+        for volume in slices.values():
+            order = sorted(volume)
+            rows.append(
+                volume_metrics(
+                    np.stack([volume[i][0] for i in order]), np.stack([volume[i][1] for i in order])
+                )
+            )
+        means = pd.DataFrame(rows).mean()
+        per_acceleration.append(means)
+        results.update({f"{k}_{acceleration}x": float(v) for k, v in means.items()})
+    results.update(
+        {k: float(v) for k, v in pd.concat(per_acceleration, axis=1).mean(axis=1).items()}
+    )
+    return results
+
+
+def _collate(items: list[dict]) -> dict:
+    try:
+        return default_collate(items)
+    except RuntimeError as err:
+        shapes = sorted({tuple(i["kspace"].shape) for i in items})
+        raise ConfigError(
+            f"slices of different shapes {shapes} (coil counts or matrices) cannot share a "
+            "batch; set train.batch_size to 1"
+        ) from err
+
+
+def _tensorboard(out_dir: Path):
+    """A TensorBoard writer for the run (``tensorboard --logdir <out>/tensorboard``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
