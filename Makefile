@@ -34,6 +34,10 @@ DEMO := data/demo
 demo: install data
 	$(BIN)/medinv doctor
 	$(BIN)/python pipelines/engine_demo.py
+	$(BIN)/medinv data kspace --out $(DEMO)/kspace --train 0 --val 0 --test 2 --slices 4 \
+		--matrix 128 --coils-min 8 --coils-max 12 --challenge multicoil --seed 1 --overwrite
+	$(BIN)/medinv reconstruct $(DEMO)/kspace/multicoil_test --targets \
+		$(DEMO)/kspace/multicoil_test_full --out $(DEMO)/reconstruction --preview --overwrite
 	$(BIN)/medinv data brats-like --out $(DEMO)/brats_like --size small --train 0 --test 2 \
 		--seed 1 --overwrite
 	$(BIN)/medinv segment $(DEMO)/brats_like/test --out $(DEMO)/segmentation --preview \

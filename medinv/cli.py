@@ -564,17 +564,17 @@ def reconstruct(
 
 
 def _print_reconstruction_metrics(table) -> None:
-    shown = Table(title="mean over volumes, by acceleration")
-    columns = ["NMSE", "PSNR", "SSIM"]
-    for column in ["acceleration", "volumes"] + [
-        f"{c} {who}" for c in columns for who in ("model", "zero-filled")
-    ]:
+    shown = Table(title="mean over volumes")
+    for column in ("acceleration", "method", "volumes", "NMSE", "PSNR (dB)", "SSIM"):
         shown.add_column(column, justify="right")
     for acceleration, group in table.groupby("acceleration", dropna=False):
-        cells = [str(acceleration), str(len(group))]
-        for c in columns:
-            cells += [f"{group[c].mean():.4g}", f"{group[f'{c} zero-filled'].mean():.4g}"]
-        shown.add_row(*cells)
+        for method, suffix in (("model", ""), ("zero-filled", " zero-filled")):
+            shown.add_row(
+                f"{acceleration}x",
+                method,
+                str(len(group)),
+                *(f"{group[m + suffix].mean():.4g}" for m in ("NMSE", "PSNR", "SSIM")),
+            )
     Console().print(shown)
 
 

@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--name", default="irim_multicoil_small")
     parser.add_argument("--work", type=Path, default=ROOT / "runs/default_reconstructor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--reuse", action="store_true", help="evaluate and bundle --work's run, no training"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     config = load_config(args.config, task="reconstruct")
@@ -57,14 +60,18 @@ def main() -> None:
         print(f"building the k-space set in {root}")
         build_kspace_set(root, SMALL_SET)
 
-    started = time.perf_counter()
-    history = train_reconstruction(
-        config,
-        args.work,
-        device,
-        progress=lambda what, step, total: print(f"\r{what}: step {step}/{total}", end=""),
-    )
-    minutes = (time.perf_counter() - started) / 60
+    if args.reuse and (args.work / "best.pt").is_file():
+        history = pd.read_csv(args.work / "metrics.csv")
+        minutes = history["train_seconds"].sum() / 60
+    else:
+        started = time.perf_counter()
+        history = train_reconstruction(
+            config,
+            args.work,
+            device,
+            progress=lambda what, step, total: print(f"\r{what}: step {step}/{total}", end=""),
+        )
+        minutes = (time.perf_counter() - started) / 60
     print(f"\ntrained {len(history)} epochs in {minutes:.1f} min")
 
     model, payload = load_model(args.work / "best.pt")
@@ -128,7 +135,7 @@ patient data.
   {SMALL_SET.slices} --coils-min {SMALL_SET.coils[0]} --coils-max {SMALL_SET.coils[1]}`:
   {v["train"]} training volumes (ICBM 2009c), {v["val"]} validation and {v["test"]} test
   volumes (Colin27, a different subject), {2 * SMALL_SET.matrix}x{SMALL_SET.matrix} k-space.
-- Recipe: `configs/{args.config.name}`: {len(history)} epochs, random {d.mask_type} masks
+- Recipe: `configs/{args.config.name}`: {len(history)} epochs, masks drawn per slice ({d.mask_type})
   at {d.accelerations}x (centre fractions {d.center_fractions}), ACS coil maps, Adam lr
   {t.lr} (x{t.lr_gamma} every {t.lr_step_epochs} epochs), loss {t.ssim_weight} (1 - SSIM)
   + {t.l1_weight} L1 on the target grid, seed {t.seed}; trained in {minutes:.0f} min on

@@ -152,6 +152,7 @@ def reconstruct_file(
     if out_path.exists() and not settings.overwrite:
         raise InputError(f"{out_path}: exists; pass --overwrite to replace it")
     model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
     with KSpaceFile(path) as f:
         recon_shape = (f.header.recon_size[0], f.header.recon_size[1])
         mask, num_low, acceleration = _mask_of(f, path, settings)

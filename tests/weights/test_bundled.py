@@ -24,10 +24,19 @@ def test_every_bundled_model_has_a_card():
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_model_loads_and_runs(name):
     model, payload = load_model(bundled_weights(name))
-    assert payload["kind"] == "iunet"
-    stride = model.total_stride
-    logits = model.eval()(torch.randn(1, 4, *(2 * s for s in stride)))
-    assert logits.shape[:2] == (1, 3)
+    model.eval()
+    with torch.no_grad():
+        if payload["kind"] == "iunet":
+            stride = model.total_stride
+            out = model(torch.randn(1, 4, *(2 * s for s in stride)))
+            assert out.shape[:2] == (1, 3)
+        else:
+            kspace = torch.randn(1, 4, 16, 12, dtype=torch.complex64)
+            sens = torch.randn(1, 4, 16, 12, dtype=torch.complex64)
+            mask = torch.ones(1, 1, 1, 12)
+            out = model(kspace * mask, mask, sens)
+            assert payload["kind"] == "irim" and out.shape == (1, 16, 12) and out.is_complex()
+    assert torch.isfinite(torch.view_as_real(out) if out.is_complex() else out).all()
 
 
 def test_tampered_weights_are_refused(tmp_path, monkeypatch):
