@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,8 +20,8 @@ from medinv.metrics.reconstruction import volume_metrics
 from medinv.models import build_model
 from medinv.mri.masks import create_mask_func
 
-from .checkpoint import read_checkpoint, save_checkpoint
 from .config import ReconstructionConfig
+from .run import TrainingRun
 
 Progress = Callable[[str, int, int], None]
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,15 +104,18 @@ def train_reconstruction(
     loss_fn = ReconstructionLoss(t.ssim_weight, t.l1_weight)
     amp = _AMP[t.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    history: list[dict[str, Any]] = []
-    start_epoch, best = 0, -float("inf")
-    if resume and (out_dir / "last.pt").is_file():
-        state = read_checkpoint(out_dir / "last.pt")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, history = state["epoch"], state["best"], list(state["history"])
-
+    run = TrainingRun(
+        out_dir,
+        kind,
+        kwargs,
+        model,
+        optimizer,
+        scheduler,
+        config,
+        device,
+        resume,
+        t.time_budget_minutes,
+    )
     train_ds = slice_dataset(d.train, config, fixed_masks=False)
     generator = torch.Generator().manual_seed(t.seed)
     loader = DataLoader(
@@ -123,16 +124,14 @@ def train_reconstruction(
         shuffle=True,
         num_workers=t.num_workers,
         generator=generator,
+        collate_fn=_collate,
     )
     steps = min(len(loader), t.steps_per_epoch or len(loader))
-    writer = _tensorboard(out_dir)
     multicoil = d.challenge == "multicoil"
 
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(run.start_epoch, t.epochs):
         model.train()
-        started = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        run.begin_epoch()
         losses = []
         for step, batch in enumerate(loader):
             if step == steps:
@@ -162,40 +161,12 @@ def train_reconstruction(
             if progress:
                 progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
         scheduler.step()
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": float(np.mean(losses)),
-            "train_seconds": time.perf_counter() - started,
-        }
-        if device.type == "cuda":
-            row["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row = run.epoch_row(epoch + 1, losses)
         if d.val is not None and ((epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs):
             row.update(validate(model, config, device))
-        history.append(row)
-        for key, value in row.items():
-            if key != "epoch":
-                writer.add_scalar(key, value, epoch + 1)
-        score = row.get("SSIM", -row["loss"])
-        extra = {"config": config.model_dump(mode="json"), "epoch": epoch + 1, "history": history}
-        if score > best:
-            best = score
-            save_checkpoint(out_dir / "best.pt", kind, kwargs, model, **extra)
-        save_checkpoint(
-            out_dir / "last.pt",
-            kind,
-            kwargs,
-            model,
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            best=best,
-            **extra,
-        )
-        pd.DataFrame(history).to_csv(out_dir / "metrics.csv", index=False)
-        used = sum(r["train_seconds"] for r in history) / 60
-        if t.time_budget_minutes is not None and used >= t.time_budget_minutes:
+        if run.end_epoch(row, row.get("SSIM", -row["loss"])):
             break
-    writer.close()
-    return pd.DataFrame(history)
+    return run.close()
 
 
 @torch.no_grad()
@@ -247,10 +218,3 @@ def _collate(items: list[dict]) -> dict:
             f"slices of different shapes {shapes} (coil counts or matrices) cannot share a "
             "batch; set train.batch_size to 1"
         ) from err
-
-
-def _tensorboard(out_dir: Path):
-    """A TensorBoard writer for the run (``tensorboard --logdir <out>/tensorboard``)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))

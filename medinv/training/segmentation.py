@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from medinv.errors import InputError
 from medinv.inference.segmentation import predict_probabilities
 from medinv.models import build_model
 
-from .checkpoint import read_checkpoint, save_checkpoint
 from .config import SegmentationConfig
+from .run import TrainingRun
 
 REGIONS = ("TC", "WT", "ET")
 Progress = Callable[[str, int, int], None]
@@ -90,14 +89,18 @@ def train_segmentation(
     )
     amp = _AMP[t.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    history: list[dict[str, Any]] = []
-    start_epoch, best = 0, -1.0
-    if resume and (out_dir / "last.pt").is_file():
-        state = read_checkpoint(out_dir / "last.pt")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, history = state["epoch"], state["best"], list(state["history"])
+    run = TrainingRun(
+        out_dir,
+        kind,
+        kwargs,
+        model,
+        optimizer,
+        scheduler,
+        config,
+        device,
+        resume,
+        t.time_budget_minutes,
+    )
 
     d = config.data
     train_transforms = training_transforms(d.roi_size, d.spacing, convention)
@@ -118,11 +121,9 @@ def train_segmentation(
     val_ds = Dataset(_loader_items(val_cases), evaluation_transforms(d.spacing, convention))
     steps = min(len(loader), t.steps_per_epoch or len(loader))
 
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(run.start_epoch, t.epochs):
         model.train()
-        started = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        run.begin_epoch()
         losses = []
         for step, batch in enumerate(loader):
             if step == steps:
@@ -141,35 +142,14 @@ def train_segmentation(
             if progress:
                 progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
         scheduler.step()
-        row: dict[str, Any] = {"epoch": epoch + 1, "loss": sum(losses) / len(losses)}
-        row["train_seconds"] = time.perf_counter() - started
-        if device.type == "cuda":
-            row["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row = run.epoch_row(epoch + 1, losses)
         if val_cases and ((epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs):
             dice = validate(model, val_ds, config, device)
             row.update({f"dice_{r}": v for r, v in zip(REGIONS, dice, strict=True)})
             row["dice_mean"] = sum(dice) / len(dice)
-        history.append(row)
-        score = row.get("dice_mean", -row["loss"])
-        extra = {"config": config.model_dump(mode="json"), "epoch": epoch + 1, "history": history}
-        if score > best:
-            best = score
-            save_checkpoint(out_dir / "best.pt", kind, kwargs, model, **extra)
-        save_checkpoint(
-            out_dir / "last.pt",
-            kind,
-            kwargs,
-            model,
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            best=best,
-            **extra,
-        )
-        pd.DataFrame(history).to_csv(out_dir / "metrics.csv", index=False)
-        used = sum(r["train_seconds"] for r in history) / 60
-        if t.time_budget_minutes is not None and used >= t.time_budget_minutes:
+        if run.end_epoch(row, row.get("dice_mean", -row["loss"])):
             break
-    return pd.DataFrame(history)
+    return run.close()
 
 
 def validate(model, dataset, config: SegmentationConfig, device: torch.device) -> list[float]:

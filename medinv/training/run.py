@@ -1,0 +1,106 @@
+"""Book-keeping shared by the training loops: resume, checkpoints, metrics, time budget."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .checkpoint import read_checkpoint, save_checkpoint
+
+
+class TrainingRun:
+    """One run folder: ``last.pt`` (with optimizer and scheduler, for ``resume``),
+    ``best.pt`` (best score so far), ``metrics.csv`` (one row per epoch) and TensorBoard logs.
+
+    Args:
+        out_dir: the run folder.
+        kind, model_config: how :func:`medinv.models.build_model` rebuilds the model.
+        config: the validated training config (stored in checkpoints).
+        resume: continue from ``out_dir/last.pt`` where it exists.
+        time_budget_minutes: stop after the epoch in which this much training time is used.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        kind: str,
+        model_config: dict[str, Any],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        config: Any,
+        device: torch.device,
+        resume: bool = False,
+        time_budget_minutes: float | None = None,
+    ):
+        self.out_dir, self.kind, self.model_config = out_dir, kind, model_config
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.config, self.device, self.budget = config, device, time_budget_minutes
+        self.history: list[dict[str, Any]] = []
+        self.best, self.start_epoch = -float("inf"), 0
+        if resume and (out_dir / "last.pt").is_file():
+            state = read_checkpoint(out_dir / "last.pt")
+            model.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            self.start_epoch, self.best = state["epoch"], state["best"]
+            self.history = list(state["history"])
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self._started = 0.0
+
+    def begin_epoch(self) -> None:
+        self._started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def epoch_row(self, epoch: int, losses: list[float]) -> dict[str, Any]:
+        """The row of a finished training epoch: loss, time and (CUDA) peak memory."""
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": sum(losses) / max(len(losses), 1),
+            "train_seconds": time.perf_counter() - self._started,
+        }
+        if self.device.type == "cuda":
+            row["peak_memory_GiB"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return row
+
+    def end_epoch(self, row: dict[str, Any], score: float) -> bool:
+        """Record the epoch and save; True when the time budget is used up."""
+        self.history.append(row)
+        for key, value in row.items():
+            if key != "epoch":
+                self.writer.add_scalar(key, value, row["epoch"])
+        extra = {
+            "config": self.config.model_dump(mode="json"),
+            "epoch": row["epoch"],
+            "history": self.history,
+        }
+        if score > self.best:
+            self.best = score
+            save_checkpoint(
+                self.out_dir / "best.pt", self.kind, self.model_config, self.model, **extra
+            )
+        save_checkpoint(
+            self.out_dir / "last.pt",
+            self.kind,
+            self.model_config,
+            self.model,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            best=self.best,
+            **extra,
+        )
+        pd.DataFrame(self.history).to_csv(self.out_dir / "metrics.csv", index=False)
+        used = sum(r["train_seconds"] for r in self.history) / 60
+        return self.budget is not None and used >= self.budget
+
+    def close(self) -> pd.DataFrame:
+        self.writer.close()
+        return pd.DataFrame(self.history)
