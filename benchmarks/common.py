@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from medinv.devices import describe
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,12 +45,6 @@ def measure(
     return statistics.median(times), (min(peaks) if peaks else None)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def commit() -> str:
     try:
         out = subprocess.run(
@@ -69,7 +64,7 @@ def header(device: torch.device, commit_id: str | None = None) -> str:
     command = " ".join(["python", *sys.argv])
     return "\n".join(
         [
-            f"- device: {device_name(device)}",
+            f"- device: {describe(device)}",
             f"- torch: {torch.__version__} (CUDA {torch.version.cuda})",
             f"- commit: {commit_id or commit()}",
             f"- command: `{command}`",

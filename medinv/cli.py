@@ -605,25 +605,15 @@ def _report_failures(failures: list[str]) -> None:
 
 
 def _torch_device(name: str):
-    import torch
+    from medinv.devices import resolve_device
 
-    from medinv.errors import ResourceError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ResourceError(f"--device {name}: no CUDA GPU is available")
-    return device
+    return resolve_device(name)
 
 
 def _device_name(name: str) -> str:
-    import torch
+    from medinv.devices import describe
 
-    device = _torch_device(name)
-    if device.type == "cuda":
-        return f"on {torch.cuda.get_device_name(device)}"
-    return f"on the CPU ({torch.get_num_threads()} threads)"
+    return f"on {describe(_torch_device(name))}"
 
 
 def _parse_roi(text: str | None, default) -> tuple[int, ...] | None:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 
 from medinv.data.kspace import KSpaceSetConfig, build_kspace_set
+from medinv.devices import describe
 from medinv.inference.reconstruction import ReconstructionSettings, reconstruct_file
 from medinv.training.checkpoint import (
     WEIGHTS_DIR,
@@ -139,7 +139,7 @@ patient data.
   at {d.accelerations}x (centre fractions {d.center_fractions}), ACS coil maps, Adam lr
   {t.lr} (x{t.lr_gamma} every {t.lr_step_epochs} epochs), loss {t.ssim_weight} (1 - SSIM)
   + {t.l1_weight} L1 on the target grid, seed {t.seed}; trained in {minutes:.0f} min on
-  {_device(device)}, torch {torch.__version__}.
+  {describe(device)}, torch {torch.__version__}.
 - Best validation SSIM {best["SSIM"]:.4f} at epoch {int(best["epoch"])}.
 
 Held-out test volumes (their own equispaced masks; fastMRI's NMSE, PSNR, SSIM per volume,
@@ -151,12 +151,6 @@ averaged):
 
 - File: `{weights.name}`, SHA-256 `{sha256(weights)}`
 """
-
-
-def _device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from medinv.data.brats import discover_cases
 from medinv.data.brats_like import BratsLikeConfig, build_brats_like
+from medinv.devices import describe
 from medinv.inference.segmentation import SegmentationSettings, segment_case
 from medinv.metrics.segmentation import evaluate_directories
 from medinv.training.checkpoint import (
@@ -142,7 +142,7 @@ starting point for fine-tuning, not a tumour segmenter for patient data.
 - Recipe: `configs/{args.config.name}`: {len(history)} epochs, batch {t.batch_size},
   random {list(config.data.roi_size)} crops (2:1 tumour-centred), flips and intensity
   augmentation, AdamW lr {t.lr} with cosine decay, {t.loss} loss, seed {t.seed};
-  trained in {minutes:.0f} min on {_device(device)}, torch {torch.__version__}.
+  trained in {minutes:.0f} min on {describe(device)}, torch {torch.__version__}.
 - Best validation mean Dice {best["dice_mean"]:.3f} at epoch {int(best["epoch"])}.
 - Inference: sliding window {list(config.inference.roi_size)}, overlap
   {config.inference.overlap}; labels 0/1/2/4 in the input's grid.
@@ -155,12 +155,6 @@ Held-out test cases (mean over cases; BraTS conventions for empty regions):
 
 - File: `{weights.name}`, SHA-256 `{sha256(weights)}`
 """
-
-
-def _device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":
