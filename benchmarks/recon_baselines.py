@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import header  # noqa: E402
 from medinv.metrics.reconstruction import METRICS, evaluate_directories  # noqa: E402
-from medinv.mri import center_crop, espirit_maps, ifft2c, rss  # noqa: E402
+from medinv.mri import acs_sensitivities, center_crop, espirit_maps, ifft2c, rss  # noqa: E402
 from medinv.mri.io import KSpaceFile, write_reconstruction  # noqa: E402
 
 
@@ -52,6 +52,8 @@ def l1_wavelet(
     coils = kspace if multicoil else kspace.unsqueeze(0)
     if multicoil:
         maps = espirit_maps(coils, calib_width=min(24, num_low)).numpy()
+        if not np.abs(maps).any():  # too narrow a centre for ESPIRiT's support
+            maps = acs_sensitivities(coils, num_low).numpy()
     else:
         maps = np.ones(coils.shape, np.complex64)
     app = sigpy.mri.app.L1WaveletRecon(

@@ -65,7 +65,7 @@ def espirit_maps(
         kspace: complex ``(C, H, W)`` with a fully sampled centre of at least
             ``calib_width`` columns.
         calib_width: side of the calibration region.
-        kernel_width: side of the kernel.
+        kernel_width: side of the kernel (at most ``calib_width``).
         threshold: relative singular-value threshold.
         crop: eigenvalue threshold for the support.
 
@@ -75,9 +75,13 @@ def espirit_maps(
     if not kspace.is_complex() or kspace.ndim != 3:
         shape = tuple(kspace.shape)
         raise ValueError(f"need complex k-space (C, H, W), got {kspace.dtype} {shape}")
+    if calib_width < 2:
+        raise ValueError(
+            f"ESPIRiT needs a calibration region of 2 columns or more, got {calib_width}"
+        )
     ksp = kspace.detach().cpu().numpy().astype(np.complex128)
     num_coils, height, width = ksp.shape
-    k = kernel_width
+    k = min(kernel_width, calib_width)  # narrow centres (e.g. 8x of a small matrix)
     calib = _centre_resize(ksp, (num_coils, calib_width, calib_width))
     patches = np.lib.stride_tricks.sliding_window_view(calib, (k, k), axis=(1, 2))
     # (C, by, bx, k, k) -> rows of coil-major patches (blocks, C k k)
