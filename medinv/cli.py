@@ -54,6 +54,7 @@ app.add_typer(train_app, name="train")
 
 DEFAULT_SEGMENTER = "iunet_brats_like_small"
 DEFAULT_RECONSTRUCTOR = "irim_multicoil_small"
+SHARD_HELP = "Worker i of n (e.g. 0/4) takes its share and skips finished cases; 'auto': torchrun."
 
 _PACKAGES = ("torch", "monai", "numpy", "nibabel", "SimpleITK", "h5py")
 
@@ -377,12 +378,15 @@ def segment(
     ] = None,
     device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    shard: Annotated[str | None, typer.Option(help=SHARD_HELP)] = None,
 ) -> None:
     """Segment brain tumours: label maps (0/1/2/4) in each input's own grid and affine.
 
     Writes <out>/<case_id>.nii.gz, with --probabilities and --preview also maps and PNGs.
 
     A case that fails is reported and the others go on; the exit status is then 2.
+
+    --shard i/n: worker i takes every n-th case, skips finished ones, writes a shard table.
 
     Example: medinv segment data/brats_like_small/test --out seg/ --preview
     """
@@ -415,15 +419,18 @@ def segment(
         preview=preview,
         overwrite=overwrite,
     )
-    failures = []
-    with _progress(len(cases), "segmenting") as advance:
-        for case in cases:
-            advance(case["case_id"])
-            try:
-                segment_case(network, case, out, settings, torch_device)
-            except MedinvError as err:
-                failures.append(str(err))
-    print(f"{len(cases) - len(failures)} of {len(cases)} cases segmented into {out}")
+    rows, failures = _run_cases(
+        "segment",
+        cases,
+        name=lambda case: case["case_id"],
+        done=lambda case: (out / f"{case['case_id']}.nii.gz").exists(),
+        work=lambda case: segment_case(network, case, out, settings, torch_device),
+        out=out,
+        shard=shard,
+        overwrite=overwrite,
+    )
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"{done} of {len(rows)} cases segmented into {out}")
     _report_failures(failures)
 
 
@@ -492,6 +499,7 @@ def reconstruct(
     preview: Annotated[bool, typer.Option(help="Also write PNGs of the middle slice.")] = False,
     device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    shard: Annotated[str | None, typer.Option(help=SHARD_HELP)] = None,
 ) -> None:
     """Reconstruct undersampled MRI with an i-RIM; write fastMRI submission files.
 
@@ -505,7 +513,6 @@ def reconstruct(
 
     from medinv.errors import InputError
     from medinv.inference.reconstruction import ReconstructionSettings, reconstruct_file
-    from medinv.mri.io import KSpaceFile
     from medinv.training.checkpoint import bundled_weights, load_model
 
     if sensitivities not in ("acs", "espirit"):
@@ -528,38 +535,31 @@ def reconstruct(
         preview=preview,
         overwrite=overwrite,
     )
-    total = 0
-    for path in files:
-        try:
-            with KSpaceFile(path) as f:
-                total += f.num_slices
-        except MedinvError:
-            pass  # reported when the file is reconstructed
-    rows, failures = [], []
-    out.mkdir(parents=True, exist_ok=True)
-    with _progress(total, "reconstructing") as advance:
-        for path in files:
-            try:
-                rows.append(
-                    reconstruct_file(
-                        network,
-                        path,
-                        out,
-                        settings,
-                        torch_device,
-                        progress=lambda p=path: advance(p.name),
-                        target_file=None if targets is None else targets / path.name,
-                    )
-                )
-            except MedinvError as err:
-                failures.append(str(err))
+    rows, failures = _run_cases(
+        "reconstruct",
+        files,
+        name=lambda path: path.name,
+        done=lambda path: (out / path.name).exists(),
+        work=lambda path: reconstruct_file(
+            network,
+            path,
+            out,
+            settings,
+            torch_device,
+            target_file=None if targets is None else targets / path.name,
+        ),
+        out=out,
+        shard=shard,
+        overwrite=overwrite,
+    )
+    rows = [r for r in rows if r["status"] == "done"]
     table = pd.DataFrame(rows)
     if "SSIM" in table:
         from medinv.io import write_atomically
 
         write_atomically(out / "metrics.csv", lambda tmp: table.to_csv(tmp, index=False))
         _print_reconstruction_metrics(table)
-    print(f"{len(rows)} of {len(files)} files reconstructed into {out}")
+    print(f"{len(rows)} files reconstructed into {out}")
     _report_failures(failures)
 
 
@@ -592,6 +592,50 @@ def _print_history(history, out: Path) -> None:
     for _, row in history[columns].tail(5).iterrows():
         shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
     Console().print(shown)
+
+
+def _run_cases(command, items, name, done, work, out: Path, shard, overwrite):
+    """Run ``work`` on each item with progress; a failure is recorded and the rest go on.
+
+    With ``shard`` (``i/n`` or ``auto``) only worker i's share runs, items already ``done``
+    are skipped (resume) and ``<out>/<command>_shard_i_of_n.csv`` lists each item's status.
+    Returns the rows (``item``, ``status``, ``seconds`` and what ``work`` returned when it
+    is a mapping) and the failure messages.
+    """
+    import time
+
+    import pandas as pd
+
+    from medinv.inference.sharding import parse_shard, shard_table_name, take_shard
+    from medinv.io import write_atomically
+
+    if shard is not None:
+        index, count = parse_shard(shard)
+        items = take_shard(items, index, count)
+    rows, failures = [], []
+    out.mkdir(parents=True, exist_ok=True)
+    with _progress(len(items), command) as advance:
+        for item in items:
+            advance(name(item))
+            if shard is not None and not overwrite and done(item):
+                rows.append({"item": name(item), "status": "skipped"})
+                continue
+            started = time.perf_counter()
+            try:
+                result = work(item)
+            except MedinvError as err:
+                failures.append(str(err))
+                rows.append({"item": name(item), "status": "failed", "error": str(err)})
+                continue
+            row = {"item": name(item), "status": "done", "seconds": time.perf_counter() - started}
+            if isinstance(result, dict):  # metrics, or the paths written
+                row |= {k: str(v) if isinstance(v, Path) else v for k, v in result.items()}
+            rows.append(row)
+    if shard is not None:
+        table = pd.DataFrame(rows)
+        path = out / shard_table_name(command, index, count)
+        write_atomically(path, lambda tmp: table.to_csv(tmp, index=False))
+    return rows, failures
 
 
 def _report_failures(failures: list[str]) -> None:
