@@ -7,15 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install data test lint demo bench-peers clean
 
-# torch is installed first and on its own, so that the package's `torch>=2.8` is already
-# satisfied and pip never swaps in a different build. fastmri is the reference the k-space
-# and metric tests compare with; its declared dependencies would replace torch, so it is
-# installed without them (what it imports comes with the dev extra).
-$(STAMP): pyproject.toml
+# scripts/install.sh is the one install recipe, shared with the Dockerfile: torch first and on
+# its own (so pip keeps that build), then the package, here editable with the dev extra and
+# the fastMRI reference.
+$(STAMP): pyproject.toml scripts/install.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e ".[dev]"
-	$(BIN)/pip install --no-deps fastmri==0.3.0
+	sh scripts/install.sh $(BIN)/python --torch "$(TORCH)" --dev --editable
 	touch $@
 
 install: $(STAMP)

@@ -321,10 +321,13 @@ def train_segment(
 
     Writes last.pt, best.pt (best validation Dice) and metrics.csv (loss, Dice, time, memory).
 
+    Under torchrun (python -m torch.distributed.run ... -m medinv train ...) it trains with DDP.
+
     Example: medinv train segment --config configs/iunet_brats_like.yaml --out runs/iunet
     """
     from medinv.errors import InputError
     from medinv.training.config import load_config
+    from medinv.training.distributed import finish, from_environment
     from medinv.training.segmentation import split_cases, train_segmentation
 
     settings = load_config(config, task="segment")
@@ -333,19 +336,25 @@ def train_segment(
     cases, convention = _discover(settings.data.manifest, settings.data.et_label)
     labelled = [c for c in cases if c.get("split") != "test"]
     train, val = split_cases(labelled, settings.data.val_fraction, settings.train.seed)
-    print(f"{len(train)} training and {len(val)} validation cases; {_device_name(device)}")
+    job, torch_device = from_environment(_torch_device(device))
+    main = job is None or job.is_main
+    if main:
+        print(f"{len(train)} training and {len(val)} validation cases; {_job_name(job, device)}")
     with _progress(None, "training") as report:
         history = train_segmentation(
             settings,
             train,
             val,
             out,
-            _torch_device(device),
+            torch_device,
             resume=resume,
-            progress=lambda what, step, total: report(f"{what}: step {step}/{total}"),
+            progress=(lambda w, step, total: report(f"{w}: step {step}/{total}")) if main else None,
             convention=convention,
+            job=job,
         )
-    _print_history(history, out)
+    finish(job)
+    if main:
+        _print_history(history, out)
 
 
 @app.command()
@@ -448,10 +457,13 @@ def train_reconstruct(
 
     Writes last.pt, best.pt (best validation SSIM), metrics.csv and TensorBoard logs.
 
+    Under torchrun (python -m torch.distributed.run ... -m medinv train ...) it trains with DDP.
+
     Example: medinv train reconstruct --config configs/irim_multicoil.yaml --out runs/irim
     """
     from medinv.errors import InputError
     from medinv.training.config import load_config
+    from medinv.training.distributed import finish, from_environment
     from medinv.training.reconstruction import train_reconstruction
 
     settings = load_config(config, task="reconstruct")
@@ -460,16 +472,23 @@ def train_reconstruct(
     for folder in (settings.data.train, settings.data.val):
         if folder is not None and not any(folder.glob("*.h5")):
             raise InputError(f"{folder}: no .h5 files (see `medinv data kspace`)")
-    print(f"{settings.model.kind} on {settings.data.challenge} data {_device_name(device)}")
+    job, torch_device = from_environment(_torch_device(device))
+    main = job is None or job.is_main
+    if main:
+        kind, challenge = settings.model.kind, settings.data.challenge
+        print(f"{kind} on {challenge} data {_job_name(job, device)}")
     with _progress(None, "training") as report:
         history = train_reconstruction(
             settings,
             out,
-            _torch_device(device),
+            torch_device,
             resume=resume,
-            progress=lambda what, step, total: report(f"{what}: step {step}/{total}"),
+            progress=(lambda w, step, total: report(f"{w}: step {step}/{total}")) if main else None,
+            job=job,
         )
-    _print_history(history, out)
+    finish(job)
+    if main:
+        _print_history(history, out)
 
 
 @app.command()
@@ -638,6 +657,33 @@ def _run_cases(command, items, name, done, work, out: Path, shard, overwrite):
     return rows, failures
 
 
+@app.command("export-bundle")
+def export_bundle(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", help="Segmentation checkpoint, or 'default' for the bundled model."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Bundle folder to write.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+) -> None:
+    """Export a segmentation model as a MONAI bundle, to run without the medinv CLI.
+
+    Writes configs/inference.json, configs/metadata.json, models/model.pt, docs/README.md;
+    run it with: python -m monai.bundle run --config_file configs/inference.json
+    --dataset_dir CASES --output_dir LABELS (from the bundle folder; needs fire and medinv).
+
+    Example: medinv export-bundle --model default --out bundles/iunet_brats_like_small
+    """
+    from medinv.inference.bundle import export_bundle as export
+    from medinv.training.checkpoint import bundled_weights
+
+    checkpoint = bundled_weights(DEFAULT_SEGMENTER) if model == "default" else Path(model)
+    written = export(checkpoint, out, overwrite=overwrite)
+    print(f"wrote a MONAI bundle of {checkpoint.name} to {written}")
+
+
 def _report_failures(failures: list[str]) -> None:
     """List what failed, one line each, and end with exit status 2 if anything did."""
     from medinv.errors import InputError
@@ -654,10 +700,12 @@ def _torch_device(name: str):
     return resolve_device(name)
 
 
-def _device_name(name: str) -> str:
+def _job_name(job, name: str) -> str:
+    """Where training runs: the device, and the number of processes in a torchrun job."""
     from medinv.devices import describe
 
-    return f"on {describe(_torch_device(name))}"
+    where = f"on {describe(_torch_device(name))}"
+    return where if job is None else f"{where}, {job.world_size} processes"
 
 
 def _parse_roi(text: str | None, default) -> tuple[int, ...] | None:

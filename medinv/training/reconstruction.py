@@ -21,6 +21,7 @@ from medinv.models import build_model
 from medinv.mri.masks import create_mask_func
 
 from .config import ReconstructionConfig
+from .distributed import Distributed, agree, sampler, wrap
 from .run import TrainingRun
 
 Progress = Callable[[str, int, int], None]
@@ -91,6 +92,7 @@ def train_reconstruction(
     device: torch.device,
     resume: bool = False,
     progress: Progress | None = None,
+    job: Distributed | None = None,
 ) -> pd.DataFrame:
     """Train; validate every ``val_interval`` epochs (NMSE, PSNR, SSIM per volume at each
     acceleration); keep ``last.pt`` and ``best.pt`` (best validation SSIM); write
@@ -115,13 +117,17 @@ def train_reconstruction(
         device,
         resume,
         t.time_budget_minutes,
+        main=job is None or job.is_main,
     )
+    net = wrap(model, job, device)
     train_ds = slice_dataset(d.train, config, fixed_masks=False)
     generator = torch.Generator().manual_seed(t.seed)
+    train_sampler = sampler(train_ds, job, t.seed)
     loader = DataLoader(
         train_ds,
         batch_size=t.batch_size,
-        shuffle=True,
+        shuffle=train_sampler is None,
+        sampler=train_sampler,
         num_workers=t.num_workers,
         generator=generator,
         collate_fn=_collate,
@@ -132,6 +138,8 @@ def train_reconstruction(
     for epoch in range(run.start_epoch, t.epochs):
         model.train()
         run.begin_epoch()
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)
         losses = []
         for step, batch in enumerate(loader):
             if step == steps:
@@ -146,7 +154,7 @@ def train_reconstruction(
             target = batch["target"].to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                estimates = _estimates(model, kind, measurement)
+                estimates = _estimates(net, kind, measurement)
             losses_t = [
                 loss_fn(magnitude_crop(e, target.shape[-2:]).float(), target) for e in estimates
             ]
@@ -162,9 +170,10 @@ def train_reconstruction(
                 progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
         scheduler.step()
         row = run.epoch_row(epoch + 1, losses)
-        if d.val is not None and ((epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs):
+        due = (epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs
+        if d.val is not None and due and run.main:
             row.update(validate(model, config, device))
-        if run.end_epoch(row, row.get("SSIM", -row["loss"])):
+        if agree(run.end_epoch(row, row.get("SSIM", -row["loss"])), job):
             break
     return run.close()
 

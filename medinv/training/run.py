@@ -23,6 +23,7 @@ class TrainingRun:
         config: the validated training config (stored in checkpoints).
         resume: continue from ``out_dir/last.pt`` where it exists.
         time_budget_minutes: stop after the epoch in which this much training time is used.
+        main: write files (in a multi-process job only rank 0 does; the others keep count).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class TrainingRun:
         device: torch.device,
         resume: bool = False,
         time_budget_minutes: float | None = None,
+        main: bool = True,
     ):
         self.out_dir, self.kind, self.model_config = out_dir, kind, model_config
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -50,9 +52,12 @@ class TrainingRun:
             scheduler.load_state_dict(state["scheduler"])
             self.start_epoch, self.best = state["epoch"], state["best"]
             self.history = list(state["history"])
-        from torch.utils.tensorboard import SummaryWriter
+        self.main = main
+        self.writer = None
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
         self._started = 0.0
 
     def begin_epoch(self) -> None:
@@ -74,6 +79,10 @@ class TrainingRun:
     def end_epoch(self, row: dict[str, Any], score: float) -> bool:
         """Record the epoch and save; True when the time budget is used up."""
         self.history.append(row)
+        used = sum(r["train_seconds"] for r in self.history) / 60
+        over_budget = self.budget is not None and used >= self.budget
+        if not self.main:
+            return over_budget
         for key, value in row.items():
             if key != "epoch":
                 self.writer.add_scalar(key, value, row["epoch"])
@@ -98,9 +107,9 @@ class TrainingRun:
             **extra,
         )
         pd.DataFrame(self.history).to_csv(self.out_dir / "metrics.csv", index=False)
-        used = sum(r["train_seconds"] for r in self.history) / 60
-        return self.budget is not None and used >= self.budget
+        return over_budget
 
     def close(self) -> pd.DataFrame:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         return pd.DataFrame(self.history)

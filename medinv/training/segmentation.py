@@ -27,6 +27,7 @@ from medinv.inference.segmentation import predict_probabilities
 from medinv.models import build_model
 
 from .config import SegmentationConfig
+from .distributed import Distributed, agree, sampler, wrap
 from .run import TrainingRun
 
 REGIONS = ("TC", "WT", "ET")
@@ -69,6 +70,7 @@ def train_segmentation(
     resume: bool = False,
     progress: Progress | None = None,
     convention: Convention = CANONICAL,
+    job: Distributed | None = None,
 ) -> pd.DataFrame:
     """Train, validate every ``val_interval`` epochs, keep ``last.pt`` and ``best.pt``.
 
@@ -100,7 +102,9 @@ def train_segmentation(
         device,
         resume,
         t.time_budget_minutes,
+        main=job is None or job.is_main,
     )
+    net = wrap(model, job, device)
 
     d = config.data
     train_transforms = training_transforms(d.roi_size, d.spacing, convention)
@@ -111,19 +115,27 @@ def train_segmentation(
         else Dataset(train_data, train_transforms)
     )
     generator = torch.Generator().manual_seed(t.seed)
+    train_sampler = sampler(train_ds, job, t.seed)
     loader = DataLoader(
         train_ds,
         batch_size=t.batch_size,
-        shuffle=True,
+        shuffle=train_sampler is None,
+        sampler=train_sampler,
         num_workers=t.num_workers,
         generator=generator,
     )
-    val_ds = Dataset(_loader_items(val_cases), evaluation_transforms(d.spacing, convention))
+    # MONAI's metrics gather over the process group: every process validates its share.
+    val_share = val_cases
+    if job is not None and len(val_cases) >= job.world_size:
+        val_share = val_cases[job.rank :: job.world_size]
+    val_ds = Dataset(_loader_items(val_share), evaluation_transforms(d.spacing, convention))
     steps = min(len(loader), t.steps_per_epoch or len(loader))
 
     for epoch in range(run.start_epoch, t.epochs):
         model.train()
         run.begin_epoch()
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)
         losses = []
         for step, batch in enumerate(loader):
             if step == steps:
@@ -131,7 +143,7 @@ def train_segmentation(
             image, label = batch[IMAGE].to(device), batch[LABEL].to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = loss_fn(model(image).float(), label)
+                loss = loss_fn(net(image).float(), label)
             scaler.scale(loss).backward()
             if t.grad_clip:
                 scaler.unscale_(optimizer)
@@ -143,11 +155,12 @@ def train_segmentation(
                 progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
         scheduler.step()
         row = run.epoch_row(epoch + 1, losses)
-        if val_cases and ((epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs):
+        due = (epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs
+        if val_cases and due:
             dice = validate(model, val_ds, config, device)
             row.update({f"dice_{r}": v for r, v in zip(REGIONS, dice, strict=True)})
             row["dice_mean"] = sum(dice) / len(dice)
-        if run.end_epoch(row, row.get("dice_mean", -row["loss"])):
+        if agree(run.end_epoch(row, row.get("dice_mean", -row["loss"])), job):
             break
     return run.close()
 

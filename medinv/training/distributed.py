@@ -1,0 +1,79 @@
+"""Multi-process training under torchrun: process group, model wrapping, data sharding.
+
+``torchrun --nproc_per_node N -m medinv train ...`` (or ``--nnodes M ...``) sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``; the training loops then run one process per GPU (or per
+CPU worker with gloo), average gradients with DistributedDataParallel, give each process its
+share of the training slices or cases, and let rank 0 alone validate, log and checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, DistributedSampler
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_environment(device: torch.device) -> tuple[Distributed | None, torch.device]:
+    """Join torchrun's process group where ``WORLD_SIZE`` > 1; returns the job (or None)
+    and this process's device (``cuda:LOCAL_RANK`` for CUDA jobs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return None, device
+    job = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        device = torch.device("cuda", job.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return job, device
+
+
+def wrap(model: nn.Module, job: Distributed | None, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around ``model`` in a job, else ``model`` itself."""
+    if job is None:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def sampler(dataset: Dataset, job: Distributed | None, seed: int) -> DistributedSampler | None:
+    """Each process's share of the training data, reshuffled every epoch (``set_epoch``)."""
+    if job is None:
+        return None
+    return DistributedSampler(dataset, job.world_size, job.rank, shuffle=True, seed=seed)
+
+
+def agree(flag: bool, job: Distributed | None) -> bool:
+    """True everywhere if it is True on any process (e.g. rank 0's time budget)."""
+    if job is None:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def finish(job: Distributed | None) -> None:
+    if job is not None and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
