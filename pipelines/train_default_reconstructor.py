@@ -25,6 +25,7 @@ from medinv.inference.reconstruction import ReconstructionSettings, reconstruct_
 from medinv.training.checkpoint import (
     WEIGHTS_DIR,
     load_model,
+    portable_config,
     read_checkpoint,
     save_checkpoint,
     sha256,
@@ -99,7 +100,7 @@ def main() -> None:
         payload["kind"],
         payload["model_config"],
         model.cpu(),
-        config=payload["config"],
+        config=portable_config(payload["config"], ROOT),
         epoch=payload["epoch"],
     )
     read_checkpoint(weights)

@@ -27,6 +27,7 @@ from medinv.metrics.segmentation import evaluate_directories
 from medinv.training.checkpoint import (
     WEIGHTS_DIR,
     load_model,
+    portable_config,
     read_checkpoint,
     save_checkpoint,
     sha256,
@@ -96,7 +97,7 @@ def main() -> None:
         payload["kind"],
         payload["model_config"],
         model.cpu(),
-        config=payload["config"],
+        config=portable_config(payload["config"], ROOT),
         epoch=payload["epoch"],
     )
     read_checkpoint(weights)  # loads back with weights_only=True

@@ -59,6 +59,17 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, payload
 
 
+def portable_config(config: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``config`` with the data paths under ``root`` made relative to it, for weights that
+    are shipped: no path of the machine that trained them goes along."""
+    data = dict(config.get("data", {}))
+    for key, value in data.items():
+        if isinstance(value, str) and Path(value).is_absolute():
+            path = Path(value)
+            data[key] = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+    return {**config, "data": data}
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

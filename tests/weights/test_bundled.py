@@ -49,3 +49,14 @@ def test_tampered_weights_are_refused(tmp_path, monkeypatch):
         f.write(b"\0")
     with pytest.raises(InputError, match="SHA-256 does not match"):
         checkpoint.bundled_weights(name)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_config_holds_no_machine_paths(name):
+    from pathlib import Path
+
+    from medinv.training.checkpoint import read_checkpoint
+
+    data = read_checkpoint(WEIGHTS_DIR / f"{name}.pt")["config"]["data"]
+    paths = [v for v in data.values() if isinstance(v, str) and "/" in v]
+    assert paths and not any(Path(v).is_absolute() for v in paths)
