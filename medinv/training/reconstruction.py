@@ -18,7 +18,7 @@ from medinv.errors import ConfigError
 from medinv.inference.reconstruction import magnitude_crop, prepare
 from medinv.metrics.reconstruction import volume_metrics
 from medinv.models import build_model
-from medinv.mri.masks import create_mask_func
+from medinv.mri.masks import MaskFunc, create_mask_func
 
 from .config import ReconstructionConfig
 from .distributed import Distributed, agree, sampler, wrap
@@ -29,10 +29,12 @@ _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _Keep:
-    """Keep what a training batch needs (collatable), dropping file attributes."""
+    """Undersample, then keep what a training batch needs (collatable), dropping file
+    attributes."""
 
-    def __init__(self, masker: KSpaceMaskd):
-        self.masker = masker
+    def __init__(self, mask_func: MaskFunc, fixed_masks: bool):
+        self.mask_func = mask_func
+        self.masker = KSpaceMaskd("kspace", mask_func, fixed_masks)
 
     def __call__(self, item: dict) -> dict:
         item = self.masker(item)
@@ -53,15 +55,24 @@ def slice_dataset(
     accelerations: list[int] | None = None,
     fractions: list[float] | None = None,
 ):
-    """Slices of ``folder`` undersampled on the fly: random masks for training, the file
-    name's fastMRI mask for validation (``fixed_masks``)."""
+    """Slices of ``folder`` undersampled on the fly: random masks for training (a stream
+    seeded by ``train.seed``), the file name's fastMRI mask for validation
+    (``fixed_masks``)."""
     d = config.data
     mask_func = create_mask_func(
-        d.mask_type, fractions or d.center_fractions, accelerations or d.accelerations
+        d.mask_type,
+        fractions or d.center_fractions,
+        accelerations or d.accelerations,
+        seed=config.train.seed,
     )
-    return KSpaceSliceDataset(
-        folder, transform=_Keep(KSpaceMaskd("kspace", mask_func, fixed_masks))
-    )
+    return KSpaceSliceDataset(folder, transform=_Keep(mask_func, fixed_masks))
+
+
+def _seed_worker_masks(worker_id: int) -> None:
+    """Give each loader worker its own mask stream, derived from the run's seed."""
+    info = torch.utils.data.get_worker_info()
+    keep = info.dataset.transform
+    keep.mask_func.rng = np.random.RandomState([info.seed % 2**32, worker_id])
 
 
 class ReconstructionLoss(nn.Module):
@@ -131,6 +142,7 @@ def train_reconstruction(
         num_workers=t.num_workers,
         generator=generator,
         collate_fn=_collate,
+        worker_init_fn=_seed_worker_masks,
     )
     steps = min(len(loader), t.steps_per_epoch or len(loader))
     multicoil = d.challenge == "multicoil"

@@ -68,7 +68,8 @@ def test_training_learns_scores_and_resumes(kspace_set, tmp_path, monkeypatch):
     out = tmp_path / "run"
     history = reconstruction.train_reconstruction(_config(kspace_set, 3), out, torch.device("cpu"))
     assert list(history["epoch"]) == [1, 2, 3]
-    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    # Validation uses each file's fixed mask, so its scores compare across epochs.
+    assert history["SSIM"].iloc[-1] > history["SSIM"].iloc[0]
     for column in ("SSIM", "PSNR", "NMSE", "SSIM_4x", "SSIM_8x"):
         assert history[column].notna().all()
     assert (out / "metrics.csv").is_file() and (out / "best.pt").is_file()
