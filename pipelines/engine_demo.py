@@ -32,6 +32,7 @@ from medinv.invertible import (
     InvertibleSequential,
     InvertibleUpsampling,
     OrthogonalConv,
+    saved_activations,
 )
 
 SIZE = 128
@@ -87,18 +88,9 @@ class Denoiser(nn.Module):
 
 def stored_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for backward after one forward pass (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activations(exclude=model.parameters()) as saved:
         model(x.requires_grad_())
-    return sum(storages.values())
+    return saved.total
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:

@@ -4,6 +4,7 @@ from .actnorm import ActNorm, ChannelSplit
 from .base import InvertibleModule, chain_context, using_context
 from .coupling import AdditiveCoupling, AffineCoupling
 from .engine import ChannelSubset, InvertibleSequential
+from .memory import saved_activations
 from .orthogonal import OrthogonalConv, orthogonal_matrix
 from .resampling import InvertibleDownsampling, InvertibleUpsampling, haar_matrix
 
@@ -21,5 +22,6 @@ __all__ = [
     "chain_context",
     "haar_matrix",
     "orthogonal_matrix",
+    "saved_activations",
     "using_context",
 ]

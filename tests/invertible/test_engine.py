@@ -12,6 +12,7 @@ from medinv.invertible import (
     InvertibleDownsampling,
     InvertibleSequential,
     InvertibleUpsampling,
+    saved_activations,
 )
 
 from .chains import CountingConv, additive_chain, coupling_functions, mixed_chain
@@ -152,17 +153,11 @@ def test_saved_activations_do_not_grow_with_depth():
     def saved_bytes(depth, memory_efficient):
         chain = additive_chain(depth, memory_efficient, channels=8)
         x = torch.randn(2, 8, 16, 16, requires_grad=True)
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_activations() as saved:  # parameters counted too
             y = chain(x)
         y.sum().backward()
         params = sum(p.numel() * p.element_size() for p in chain.parameters())
-        return sum(storages.values()), params
+        return saved.total, params
 
     efficient4, _ = saved_bytes(4, True)
     efficient32, params32 = saved_bytes(32, True)

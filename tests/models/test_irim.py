@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medinv.invertible import using_context
+from medinv.invertible import saved_activations, using_context
 from medinv.models import IRIM, build_model
 from medinv.mri.operators import SenseOperator, SingleCoilOperator
 
@@ -102,19 +102,10 @@ def test_parameter_gradients_match_plain_autograd_float64(case, shared_weights):
 
 
 def _saved_bytes(model, data):
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activations(exclude=model.parameters()) as saved:
         image = model(*data)
     image.abs().sum().backward()
-    return sum(storages.values())
+    return saved.total
 
 
 def test_saved_activations_do_not_grow_with_steps():

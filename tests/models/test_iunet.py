@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medinv.invertible import saved_activations
 from medinv.models import InvertibleUNet, IUNet
 
 SPATIAL = {1: (32,), 2: (16, 16), 3: (8, 8, 8)}
@@ -101,19 +102,10 @@ def test_segmentation_iunet_gradients_match_plain_autograd_float64():
 
 
 def _saved_bytes(model, x):
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activations(exclude=model.parameters()) as saved:
         y = model(x)
     y.sum().backward()
-    return sum(storages.values())
+    return saved.total
 
 
 def test_saved_activations_do_not_depend_on_couplings_per_scale():
