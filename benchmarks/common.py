@@ -75,3 +75,11 @@ def header(device: torch.device, commit_id: str | None = None) -> str:
 
 def gib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.3f}"
+
+
+def publish(text: str, out: Path | None) -> None:
+    """Print a result and, where ``out`` is given, write it there (folders created)."""
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text.rstrip("\n") + "\n")

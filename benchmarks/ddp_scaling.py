@@ -26,7 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import header  # noqa: E402
+from benchmarks.common import header, publish  # noqa: E402
 from tests.synthetic_cases import write_case  # noqa: E402
 
 
@@ -106,10 +106,7 @@ def main() -> None:
             table.to_markdown(index=False, floatfmt=".3f"),
         ]
     )
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

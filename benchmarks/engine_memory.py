@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import gib, header, measure  # noqa: E402
+from benchmarks.common import gib, header, measure, publish  # noqa: E402
 from medinv.invertible import AdditiveCoupling, InvertibleSequential  # noqa: E402
 
 
@@ -115,10 +115,7 @@ def main() -> None:
             f"memory-efficient activation memory, max/min over depths: {flatness:.3f}",
         ]
     )
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import gib, header, measure  # noqa: E402
+from benchmarks.common import gib, header, measure, publish  # noqa: E402
 from medinv.models import IRIM, RIM  # noqa: E402
 
 MODELS = ("irim", "irim-plain", "rim", "irim3d")
@@ -165,10 +165,7 @@ def main() -> None:
             + ", ".join(f"{m} {spread(table, m)}" for m in args.models),
         ]
     )
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import header  # noqa: E402
+from benchmarks.common import header, publish  # noqa: E402
 from medinv.metrics.reconstruction import METRICS, evaluate_directories  # noqa: E402
 from medinv.mri import acs_sensitivities, center_crop, espirit_maps, ifft2c, rss  # noqa: E402
 from medinv.mri.io import KSpaceFile, write_reconstruction  # noqa: E402
@@ -137,9 +137,7 @@ def main() -> None:
             "",
         ]
     )
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

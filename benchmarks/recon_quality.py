@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import header  # noqa: E402
+from benchmarks.common import header, publish  # noqa: E402
 from benchmarks.recon_baselines import run as run_baselines  # noqa: E402
 from medinv.inference.reconstruction import (  # noqa: E402
     ReconstructionSettings,
@@ -113,10 +113,7 @@ def main() -> None:
             table.to_markdown(index=False, floatfmt=".4f"),
         ]
     )
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

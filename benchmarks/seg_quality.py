@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import header  # noqa: E402
+from benchmarks.common import header, publish  # noqa: E402
 from medinv.data.brats import discover_cases  # noqa: E402
 from medinv.inference.segmentation import SegmentationSettings, segment_case  # noqa: E402
 from medinv.metrics.segmentation import evaluate_directories  # noqa: E402
@@ -126,10 +126,7 @@ def main() -> None:
             pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"),
         ]
     )
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":
