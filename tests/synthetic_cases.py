@@ -69,3 +69,14 @@ def synthetic_anatomy(tmp_path: Path, with_colin: bool = True):
         return paths[name]
 
     return locate
+
+
+def tiny_kspace_set(tmp_path: Path, seed: int, volumes: dict[str, int]) -> Path:
+    """A multi-coil fastMRI-schema set (2 slices, 32x32, 4 coils) from synthetic anatomy."""
+    from medinv.data.kspace import KSpaceSetConfig, build_kspace_set
+
+    config = KSpaceSetConfig(
+        seed=seed, volumes=volumes, slices=2, matrix=32, coils=(4, 4), challenges=("multicoil",)
+    )
+    build_kspace_set(tmp_path / "set", config, anatomy=synthetic_anatomy(tmp_path))
+    return tmp_path / "set"

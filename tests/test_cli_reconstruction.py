@@ -7,25 +7,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from medinv.data.kspace import KSpaceSetConfig, build_kspace_set
-
-from .synthetic_cases import synthetic_anatomy
+from .synthetic_cases import tiny_kspace_set
 from .test_cli_segmentation import medinv
 
 
 @pytest.fixture(scope="module")
 def kspace_set(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kspace")
-    config = KSpaceSetConfig(
-        seed=5,
-        volumes={"train": 1, "val": 1, "test": 1},
-        slices=2,
-        matrix=32,
-        coils=(4, 4),
-        challenges=("multicoil",),
-    )
-    build_kspace_set(tmp / "set", config, anatomy=synthetic_anatomy(tmp))
-    return tmp / "set"
+    return tiny_kspace_set(tmp_path_factory.mktemp("kspace"), 5, {"train": 1, "val": 1, "test": 1})
 
 
 def test_train_reconstruct_and_score(kspace_set, tmp_path):

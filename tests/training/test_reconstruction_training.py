@@ -6,14 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from medinv.data.kspace import KSpaceSetConfig, build_kspace_set
 from medinv.inference.reconstruction import prepare, zero_filled
 from medinv.mri.fft import ifft2c
 from medinv.training import reconstruction
 from medinv.training.checkpoint import read_checkpoint
 from medinv.training.config import ReconstructionConfig
 
-from ..synthetic_cases import synthetic_anatomy
+from ..synthetic_cases import tiny_kspace_set
 
 
 class ScaledZeroFilled(nn.Module):
@@ -32,17 +31,7 @@ class ScaledZeroFilled(nn.Module):
 
 @pytest.fixture(scope="module")
 def kspace_set(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kspace")
-    config = KSpaceSetConfig(
-        seed=3,
-        volumes={"train": 2, "val": 1, "test": 0},
-        slices=2,
-        matrix=32,
-        coils=(4, 4),
-        challenges=("multicoil",),
-    )
-    build_kspace_set(tmp / "set", config, anatomy=synthetic_anatomy(tmp))
-    return tmp / "set"
+    return tiny_kspace_set(tmp_path_factory.mktemp("kspace"), 3, {"train": 2, "val": 1, "test": 0})
 
 
 def _config(root, epochs):
