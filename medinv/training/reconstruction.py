@@ -25,7 +25,6 @@ from .distributed import Distributed, agree, sampler, wrap
 from .run import TrainingRun
 
 Progress = Callable[[str, int, int], None]
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _Keep:
@@ -115,8 +114,6 @@ def train_reconstruction(
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_step_epochs, t.lr_gamma)
     loss_fn = ReconstructionLoss(t.ssim_weight, t.l1_weight)
-    amp = _AMP[t.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     run = TrainingRun(
         out_dir,
         kind,
@@ -129,6 +126,8 @@ def train_reconstruction(
         resume,
         t.time_budget_minutes,
         main=job is None or job.is_main,
+        amp=t.amp,
+        grad_clip=t.grad_clip,
     )
     net = wrap(model, job, device)
     train_ds = slice_dataset(d.train, config, fixed_masks=False)
@@ -165,18 +164,13 @@ def train_reconstruction(
             ).to(device)
             target = batch["target"].to(device)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with run.autocast():
                 estimates = _estimates(net, kind, measurement)
             losses_t = [
                 loss_fn(magnitude_crop(e, target.shape[-2:]).float(), target) for e in estimates
             ]
             loss = torch.stack(losses_t).mean()
-            scaler.scale(loss).backward()
-            if t.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            run.step(loss)
             losses.append(loss.item())
             if progress:
                 progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)

@@ -12,6 +12,8 @@ from torch import nn
 
 from .checkpoint import read_checkpoint, save_checkpoint
 
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class TrainingRun:
     """One run folder: ``last.pt`` (with optimizer and scheduler, for ``resume``),
@@ -24,6 +26,8 @@ class TrainingRun:
         resume: continue from ``out_dir/last.pt`` where it exists.
         time_budget_minutes: stop after the epoch in which this much training time is used.
         main: write files (in a multi-process job only rank 0 does; the others keep count).
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (with loss scaling) for :meth:`autocast`.
+        grad_clip: clip the gradient norm to this in :meth:`step`.
     """
 
     def __init__(
@@ -39,10 +43,14 @@ class TrainingRun:
         resume: bool = False,
         time_budget_minutes: float | None = None,
         main: bool = True,
+        amp: str = "none",
+        grad_clip: float | None = None,
     ):
         self.out_dir, self.kind, self.model_config = out_dir, kind, model_config
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.config, self.device, self.budget = config, device, time_budget_minutes
+        self.amp, self.grad_clip = _AMP[amp], grad_clip
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.history: list[dict[str, Any]] = []
         self.best, self.start_epoch = -float("inf"), 0
         if resume and (out_dir / "last.pt").is_file():
@@ -59,6 +67,20 @@ class TrainingRun:
 
             self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
         self._started = 0.0
+
+    def autocast(self) -> torch.autocast:
+        """The forward pass's mixed-precision context (off for ``amp="none"``)."""
+        dtype = self.amp or torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp is not None)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward, gradient clipping and optimizer step, with fp16 loss scaling."""
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def begin_epoch(self) -> None:
         self._started = time.perf_counter()

@@ -32,7 +32,6 @@ from .run import TrainingRun
 
 REGIONS = ("TC", "WT", "ET")
 Progress = Callable[[str, int, int], None]
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def split_cases(
@@ -89,8 +88,6 @@ def train_segmentation(
     loss_fn = (DiceCELoss if t.loss == "dice_ce" else DiceLoss)(
         sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True
     )
-    amp = _AMP[t.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     run = TrainingRun(
         out_dir,
         kind,
@@ -103,6 +100,8 @@ def train_segmentation(
         resume,
         t.time_budget_minutes,
         main=job is None or job.is_main,
+        amp=t.amp,
+        grad_clip=t.grad_clip,
     )
     net = wrap(model, job, device)
 
@@ -142,14 +141,9 @@ def train_segmentation(
                 break
             image, label = batch[IMAGE].to(device), batch[LABEL].to(device)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with run.autocast():
                 loss = loss_fn(net(image).float(), label)
-            scaler.scale(loss).backward()
-            if t.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            run.step(loss)
             losses.append(loss.item())
             if progress:
                 progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
