@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def measure(
 
 
 def commit() -> str:
+    """The measured commit: git's HEAD, or ``MEDINV_COMMIT`` where the tree has no git."""
+    if os.environ.get("MEDINV_COMMIT"):
+        return os.environ["MEDINV_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
