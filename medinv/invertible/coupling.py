@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import InvertibleModule, ParamGrads, add_grads, split_channels, vjp
+from .memory import UNSAVED_OUTPUT_USES as UNSAVED_USES
+from .memory import storage_uses
 
 
 class AdditiveCoupling(InvertibleModule):
@@ -97,12 +99,21 @@ def _undo_addition(
     leaf = arg.detach().requires_grad_()
     with torch.enable_grad():
         out = fn(leaf)
+    # fn's graph saved views of the state (arg), which share the state's version counter;
+    # writing ``total`` through an alias with a counter of its own does not trip it.
+    _unversioned(total).sub_(out.detach())
+    if out.requires_grad and (uses := storage_uses(out)) is not None and uses <= UNSAVED_USES:
+        # Nothing in fn's graph reads its output: free it before the backward needs room.
+        out.untyped_storage().resize_(0)
     grad_leaf, grads = vjp([out], [grad_total], leaf, params)
-    # Only now, with fn's graph released, may the storage that arg views be written.
-    total.sub_(out.detach())
     if grad_leaf is not None:
         grad_arg.add_(grad_leaf)
     return grads
+
+
+def _unversioned(t: Tensor) -> Tensor:
+    """A tensor over ``t``'s memory whose in-place updates autograd does not count."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 class AffineCoupling(InvertibleModule):

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .base import InvertibleModule, chain_context, using_context
+from .memory import storage_uses as _storage_uses
 
 
 class InvertibleSequential(InvertibleModule):
@@ -303,10 +304,20 @@ class _ChainRun:
             )
         index = {id(p): i for i, p in enumerate(self.params)}
         grads: list[Tensor | None] = [None] * len(self.params)
-        # Blocks may overwrite what they are given; these copies are the engine's own.
-        y, grad_y = y.clone(), grad_y.clone()
+        # Blocks overwrite what they are given: the output and its gradient become the
+        # engine's own buffers where nothing else can see them, copies otherwise.
+        handed_over = [
+            (t, uses)
+            for t, uses in ((y, _SAVED_OUTPUT_USES), (grad_y, _INCOMING_GRAD_USES))
+            if _exclusive(t, uses)
+        ]
+        y = y if any(t is y for t, _ in handed_over) else y.clone()
+        grad_y = grad_y if any(t is grad_y for t, _ in handed_over) else grad_y.clone()
         stack: list[tuple[Tensor, Tensor]] = []
         for k in reversed(range(len(self.program))):
+            # Autograd keeps the handed-over tensors referenced until backward returns:
+            # free their memory as soon as the walk no longer views it.
+            handed_over = _release_unviewed(handed_over, (y, grad_y))
             step = self.program[k]
             if isinstance(step, _Restore):
                 stack.append((y[:, : step.keep], grad_y[:, : step.keep]))
@@ -315,6 +326,7 @@ class _ChainRun:
             if isinstance(step, _SetAside):
                 kept, grad_kept = stack.pop()
                 y, grad_y = torch.cat([kept, y], dim=1), torch.cat([grad_kept, grad_y], dim=1)
+                del kept, grad_kept  # views that would keep the outer buffers alive
                 continue
             aliases = {id(p): p.detach().requires_grad_() for _, _, p in self.slots[k]}
             with self._replay(k), _parameters_replaced(self.slots[k], aliases):
@@ -356,6 +368,68 @@ class _ChainRun:
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state, self.cuda_device)
+
+
+class _Probe(torch.autograd.Function):
+    """Measures, in backward, how many storage uses autograd itself holds on a saved
+    output and an incoming gradient that nobody else sees."""
+
+    uses: tuple[int | None, int | None] = (None, None)
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x * 2
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        _Probe.uses = (_storage_uses(out), _storage_uses(grad))
+        return grad
+
+
+def _probe_uses() -> tuple[int | None, int | None]:
+    with torch.enable_grad():
+        x = torch.ones(2, requires_grad=True)
+        (_Probe.apply(x) * x).sum().backward()
+    return _Probe.uses
+
+
+_SAVED_OUTPUT_USES, _INCOMING_GRAD_USES = _probe_uses()
+
+
+def _exclusive(t: Tensor, private_uses: int | None) -> bool:
+    """Whether only autograd holds ``t``'s storage and will not read it again, so that
+    the engine may write into it and free it (nobody can see it change)."""
+    uses = _storage_uses(t)
+    return (
+        uses is not None
+        and private_uses is not None
+        and uses <= private_uses
+        and not torch._C._autograd._get_current_graph_task_keep_graph()
+        and t._base is None
+        and t.is_contiguous()
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
+
+
+def _release_unviewed(
+    handed_over: list[tuple[Tensor, int | None]], working: tuple[Tensor, ...]
+) -> list[tuple[Tensor, int | None]]:
+    """Free the storage of each handed-over tensor that no working tensor or view
+    (e.g. channels set aside on the stack) still uses; return the others."""
+    live = {w.untyped_storage().data_ptr() for w in working}
+    kept = []
+    for t, uses in handed_over:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in live and _storage_uses(t) <= uses:
+            storage.resize_(0)
+        else:
+            kept.append((t, uses))
+    return kept
 
 
 def _writable(t: Tensor) -> Tensor:

@@ -40,3 +40,20 @@ def saved_activations(exclude: Iterable[Tensor] = ()) -> Iterator[SavedBytes]:
     saved = SavedBytes(exclude)
     with torch.autograd.graph.saved_tensors_hooks(saved._pack, lambda t: t):
         yield saved
+
+
+def storage_uses(t: Tensor) -> int | None:
+    """How many tensors share ``t``'s storage, or None where torch does not say."""
+    try:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _fresh_output_uses() -> int | None:
+    with torch.enable_grad():
+        return storage_uses(torch.ones(1, requires_grad=True) * 2)
+
+
+# Storage uses of an operator's output that nothing (its graph included) saved.
+UNSAVED_OUTPUT_USES = _fresh_output_uses()

@@ -299,3 +299,92 @@ def test_context_reaches_blocks_in_forward_inverse_and_recompute():
             assert_close64(chain.inverse(chain(x, context=context), context=context), x)
     for got, want in zip(results[1], results[0], strict=True):
         assert_close64(got, want)
+
+
+def _between_convolutions(chain: nn.Module, channels: int) -> nn.Module:
+    """The chain inside a network: nothing but autograd holds its output."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 1), chain, nn.Conv2d(channels, 3, 1))
+
+
+@pytest.mark.parametrize("make_chain", ["mixed", "iunet"])
+def test_backward_through_an_unheld_output_matches_autograd(make_chain):
+    """The engine works in the memory of the output and its gradient when nothing else
+    can see them; the gradients must not change."""
+    from medinv.models import InvertibleUNet
+
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for memory_efficient in (False, True):
+        torch.manual_seed(0)
+        if make_chain == "mixed":
+            chain = mixed_chain(16, memory_efficient)
+        else:
+            chain = InvertibleUNet(
+                4, dim=2, architecture=(2, 2, 1), memory_efficient=memory_efficient
+            )
+            for p in chain.parameters():  # leave the identity initialisation
+                nn.init.normal_(p, std=0.1)
+        model = _between_convolutions(chain, 4).double()
+        loss = model(x).square().mean()
+        results.append(torch.autograd.grad(loss, [x, *model.parameters()]))
+    for got, want in zip(*results[::-1], strict=True):
+        assert_close64(got, want)
+
+
+def test_output_the_caller_holds_is_unchanged_by_backward():
+    chain = mixed_chain(8, True).double()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = chain(x)
+    before = y.detach().clone()
+    (y**2).mean().backward()
+    assert torch.equal(y.detach(), before)
+
+
+def test_backward_twice_with_retain_graph_gives_the_same_gradients():
+    # Nothing but the chain itself saves its output (the loss is linear in it), so only
+    # retain_graph tells the engine that a second backward will read it again.
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), mixed_chain(8, True)).double()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    loss = (model(x) * weights).sum()
+    first = torch.autograd.grad(loss, [x, *model.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *model.parameters()])
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def _peak_cpu_bytes(step) -> int:
+    """Peak of live CPU allocations made while ``step`` runs (the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_an_unheld_output_is_reused_not_copied():
+    """Holding the chain's output forces a copy of it in backward: one state's bytes more."""
+    channels, size = 8, 96
+
+    def f():
+        return nn.Sequential(nn.Conv2d(channels // 2, channels // 2, 1), nn.GroupNorm(1, 4))
+
+    chain = InvertibleSequential(*(AdditiveCoupling(f(), swap=i % 2 == 1) for i in range(4)))
+    model = _between_convolutions(chain, channels)
+    x = torch.randn(1, channels, size, size)
+    state_bytes = x.numel() * x.element_size()
+
+    def unheld():
+        model(x).square().mean().backward()
+
+    def held():
+        y = model[:2](x)
+        model[2](y).square().mean().backward()
+
+    unheld(), held()  # allocate gradients and warm up
+    assert _peak_cpu_bytes(held) - _peak_cpu_bytes(unheld) > 0.9 * state_bytes
