@@ -44,6 +44,7 @@ demo: install data
 
 bench-peers: install
 	$(BIN)/pip install --no-deps iunets==0.1 memcnn==1.5.2
+	$(BIN)/pip install -e ".[bench]"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

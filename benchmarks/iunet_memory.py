@@ -16,7 +16,9 @@ time = synchronised median after warm-up):
 Both libraries get the same architecture: single-function additive couplings alternating
 halves, F = 3x3 conv (no bias) -> LeakyReLU -> layer norm (zero-initialised), Cayley
 orthogonal resampling initialised to Haar, orthogonal channel mixing at each split and
-merge. "activation" is the peak minus parameters, gradients and Adam's two moments.
+merge. "activation" is the peak reached by the end of backward minus parameters,
+gradients and Adam's two moments ("peak" also covers Adam's update, whose temporaries
+grow with the number of parameters).
 
 Peer: ``make bench-peers`` (pip install --no-deps iunets==0.1 memcnn==1.5.2).
 
@@ -90,7 +92,10 @@ VARIANTS: dict[str, Callable] = {
 }
 
 
-def train_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None):
+def train_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, peaks=None):
+    """A training step; where ``peaks`` is a list, each step appends the CUDA peak reached
+    by the end of its backward (before Adam's update, whose temporaries scale with the
+    number of parameters, not with the activations)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
 
     def step():
@@ -98,6 +103,8 @@ def train_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None):
         with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             y = model(x)
         y.float().square().mean().backward()
+        if peaks is not None and x.is_cuda:
+            peaks.append(torch.cuda.max_memory_allocated(x.device))
         optimizer.step()
 
     def no_grad_forward():
@@ -120,11 +127,15 @@ def run_variant(name, build, x, dtype, args, device) -> dict:
     model = step = no_grad_forward = None
     try:
         model = build().to(device)
-        step, no_grad_forward = train_step(model, x, dtype)
+        backward_peaks: list[int] = []
+        step, no_grad_forward = train_step(model, x, dtype, backward_peaks)
         seconds, peak = measure(step, device, args.warmup, args.repeats)
+        backward_peak = min(backward_peaks[args.warmup :]) if backward_peaks else None
         row.update(
             peak_GiB=gib(peak),
-            activation_GiB=gib(None if peak is None else peak - state_bytes(model)),
+            activation_GiB=gib(
+                None if backward_peak is None else backward_peak - state_bytes(model)
+            ),
             step_s=seconds,
         )
         if name == "medinv plain":

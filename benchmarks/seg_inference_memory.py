@@ -1,0 +1,106 @@
+"""Peak GPU memory of `medinv segment` on one whole BraTS-size case (240x240x155).
+
+Writes one synthetic four-contrast case of BraTS size (NIfTI, as `medinv segment` reads it),
+then segments it with each model through the same code path as the CLI
+(:func:`medinv.inference.segmentation.segment_case`: MONAI preprocessing, inference,
+inversion to the input grid, NIfTI output), whole-volume and with a sliding window, in fp32
+and under bf16 autocast. Weights are the untrained initialisation: memory and time do not
+depend on them. Reported: CUDA peak allocated during the case and seconds per case.
+
+    python benchmarks/seg_inference_memory.py --out benchmarks/results/seg_inference_memory_h100.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import gib, header, publish  # noqa: E402
+from medinv.inference.segmentation import SegmentationSettings, segment_case  # noqa: E402
+from medinv.models import build_model  # noqa: E402
+from medinv.training.config import load_config  # noqa: E402
+from tests.synthetic_cases import write_case  # noqa: E402
+
+MODELS = {
+    "iUNet-16": ("iunet", 16),
+    "iUNet-32": ("iunet", 32),
+    "iUNet-64": ("iunet", 64),
+    "SegResNet-16": ("segresnet", 16),
+    "SegResNet-32": ("segresnet", 32),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=ROOT / "configs/iunet_brats_like.yaml")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    parser.add_argument("--roi", type=int, nargs=3, default=[128, 128, 128])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="write the table (markdown) here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    config = load_config(args.config)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        case = write_case(Path(tmp) / "cases", "BraTSSize_0000", shape=tuple(args.shape))
+        for name in args.models:
+            config.model.kind, config.model.channels = MODELS[name]
+            model = build_model(config.model.kind, config.model_kwargs()).to(device)
+            for window in ("whole volume", f"ROI {'x'.join(map(str, args.roi))}"):
+                for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                    settings = SegmentationSettings(
+                        roi_size=None if window == "whole volume" else tuple(args.roi),
+                        overlap=0.5,
+                        overwrite=True,
+                        autocast_dtype=dtype,
+                    )
+                    row = {"model": name, "inference": window, "precision": precision}
+                    try:
+                        segment_case(model, case, Path(tmp) / "out", settings, device)  # warm-up
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                            torch.cuda.reset_peak_memory_stats(device)
+                        started = time.perf_counter()
+                        segment_case(model, case, Path(tmp) / "out", settings, device)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        peak = (
+                            torch.cuda.max_memory_allocated(device)
+                            if device.type == "cuda"
+                            else None
+                        )
+                        row.update(peak_GiB=gib(peak), s_per_case=time.perf_counter() - started)
+                    except torch.OutOfMemoryError:
+                        row.update(peak_GiB="OOM", s_per_case=float("nan"))
+                    finally:
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(row, flush=True)
+            del model
+    shape = "x".join(map(str, args.shape))
+    text = "\n".join(
+        [
+            f"# `medinv segment` on one {shape} case: peak memory",
+            "",
+            header(device),
+            "",
+            pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"),
+        ]
+    )
+    publish(text, args.out)
+
+
+if __name__ == "__main__":
+    main()
