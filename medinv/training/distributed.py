@@ -37,12 +37,23 @@ def from_environment(device: torch.device) -> tuple[Distributed | None, torch.de
     if world_size == 1:
         return None, device
     job = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda":
-        device = torch.device("cuda", job.local_rank)
+        device = torch.device("cuda", job.local_rank % gpus)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend(device.type, local_processes, gpus))
     return job, device
+
+
+def backend(device_type: str, local_processes: int, gpus: int) -> str:
+    """The process group's backends: NCCL for CUDA tensors where each process has a GPU of
+    its own (NCCL refuses two ranks on one GPU; gloo then carries CUDA tensors too), gloo
+    for CPU tensors (the small control messages of :func:`agree`)."""
+    if device_type == "cuda" and local_processes <= gpus:
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
 
 
 def wrap(model: nn.Module, job: Distributed | None, device: torch.device) -> nn.Module:

@@ -57,3 +57,13 @@ def test_torchrun_two_processes_train_segment(tmp_path):
     # Saved from the unwrapped model: keys as a single-process run writes them.
     assert not any(k.startswith("module.") for k in state["state_dict"])
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+def test_backend_gives_each_tensor_kind_a_backend_and_shares_gpus_through_gloo():
+    from medinv.training.distributed import backend
+
+    # One GPU per process: NCCL for CUDA tensors, gloo for the CPU control messages.
+    assert backend("cuda", local_processes=4, gpus=4) == "cpu:gloo,cuda:nccl"
+    # More processes than GPUs (e.g. two on one card): NCCL would refuse; gloo carries both.
+    assert backend("cuda", local_processes=2, gpus=1) == "gloo"
+    assert backend("cpu", local_processes=2, gpus=0) == "gloo"
