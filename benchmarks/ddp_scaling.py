@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=8, help="training cases")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--shape", type=int, nargs=3, default=[48, 48, 32])
+    parser.add_argument("--roi", type=int, default=32, help="cubic training crop")
+    parser.add_argument("--channels", type=int, default=8, help="iUNet channel blowup")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -84,8 +86,12 @@ def main() -> None:
             yaml.safe_dump(
                 {
                     "task": "segment",
-                    "data": {"manifest": "cases", "roi_size": [32, 32, 32], "val_fraction": 0.0},
-                    "model": {"channels": 8, "architecture": [2, 2, 2]},
+                    "data": {
+                        "manifest": "cases",
+                        "roi_size": [args.roi] * 3,
+                        "val_fraction": 0.0,
+                    },
+                    "model": {"channels": args.channels, "architecture": [2, 2, 2]},
                     "train": {"epochs": args.epochs, "batch_size": 1, "seed": 0},
                 }
             )
@@ -100,8 +106,9 @@ def main() -> None:
             "",
             header(torch.device(args.device)),
             "",
-            f"- {args.cases} training cases of {tuple(args.shape)}, 32^3 crops, batch 1 per "
-            f"process, iUNet C=8 with 3 scales, {args.epochs} epochs (first excluded)",
+            f"- {args.cases} training cases of {tuple(args.shape)}, {args.roi}^3 crops, batch 1 "
+            f"per process, iUNet C={args.channels} with 3 scales, {args.epochs} epochs (first "
+            "excluded); processes sharing one GPU communicate through gloo",
             "",
             table.to_markdown(index=False, floatfmt=".3f"),
         ]
