@@ -212,18 +212,22 @@ FIT_VOLUMES = [
 ]
 
 
-def fits(build, volume, budget_gib, device) -> bool:
+def reserved_peak(build, volume, cap_gib, device) -> int | None:
+    """CUDA's peak reserved bytes of one training step under a ``cap_gib`` memory cap
+    (``set_per_process_memory_fraction`` caps what the allocator reserves), or None
+    where the step runs out of memory."""
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total), device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
     model = None
     try:
         model = build().to(device)
         step, _ = train_step(model, torch.randn(1, 4, *volume, device=device), None)
+        torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        return True
+        return torch.cuda.max_memory_reserved(device)
     except torch.OutOfMemoryError:
-        return False
+        return None
     finally:
         model = None
         gc.collect()
@@ -232,6 +236,14 @@ def fits(build, volume, budget_gib, device) -> bool:
 
 
 def part_fit(args, device) -> pd.DataFrame:
+    """Largest volume of FIT_VOLUMES each model trains on within each budget.
+
+    One pass per model under the largest budget, volumes in increasing size until the
+    first out-of-memory; a volume fits a smaller budget where the step's reserved peak
+    (what the allocator asked the device for, the quantity the cap limits) is within it.
+    cuDNN autotuning is off here: every volume is a new shape.
+    """
+    torch.backends.cudnn.benchmark = False
     models = {
         "medinv memory-efficient": lambda c: segmenter(medinv_core(c, 3, 2, 5, True), c, 3),
         "iunets memory-efficient": lambda c: segmenter(peer_core(c, 3, 2, 5, True), c, 3),
@@ -244,20 +256,26 @@ def part_fit(args, device) -> pd.DataFrame:
         )
     except ImportError:
         print("MONAI not installed: SegResNet left out of the fit table")
+    budgets = sorted(args.budgets)
     rows = []
-    for budget in (16, 32):
-        for channels in args.channels:
-            for name, make in models.items():
-                largest = "none"
-                for volume in FIT_VOLUMES:
-                    if not fits(lambda m=make, c=channels: m(c), volume, budget, device):
-                        break
-                    largest = "x".join(map(str, volume))
+    for channels in args.channels:
+        for name, make in models.items():
+            if args.no_peer and name.startswith("iunets"):
+                continue
+            peaks: dict[tuple[int, ...], int] = {}
+            for volume in FIT_VOLUMES:
+                peak = reserved_peak(lambda m=make, c=channels: m(c), volume, budgets[-1], device)
+                if peak is None:
+                    break
+                peaks[volume] = peak
+                print(f"{name} C={channels} {volume}: {peak / 2**30:.2f} GiB reserved", flush=True)
+            for budget in budgets:
+                fitting = [v for v, peak in peaks.items() if peak <= budget * 2**30]
+                largest = "x".join(map(str, fitting[-1])) if fitting else "none"
                 rows.append(
                     {"budget_GiB": budget, "C": channels, "model": name, "largest": largest}
                 )
-                print(rows[-1], flush=True)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).sort_values(["budget_GiB", "C"], kind="stable")
 
 
 def main() -> None:
@@ -272,6 +290,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[16, 32], help="GiB (fit)")
     parser.add_argument("--no-peer", action="store_true", help="measure medinv only")
     parser.add_argument("--out", type=Path, help="folder for <part>.csv and README.md")
     args = parser.parse_args()
