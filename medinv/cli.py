@@ -7,6 +7,7 @@ and the error path stay fast.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from collections.abc import Callable, Iterator
@@ -55,6 +56,10 @@ app.add_typer(train_app, name="train")
 DEFAULT_SEGMENTER = "iunet_brats_like_small"
 DEFAULT_RECONSTRUCTOR = "irim_multicoil_small"
 SHARD_HELP = "Worker i of n (e.g. 0/4) takes its share and skips finished cases; 'auto': torchrun."
+GPU_MEMORY_HELP = (
+    "Memory budget, e.g. 16GiB, 32GB, or auto (the GPU's free memory): the memory planner "
+    "sizes the work to fit it, per case, and retries smaller plans if memory runs out."
+)
 
 _PACKAGES = ("torch", "monai", "numpy", "nibabel", "SimpleITK", "h5py")
 
@@ -65,6 +70,7 @@ def main() -> None:
     A :class:`~medinv.errors.MedinvError` is printed as one line on stderr and sets the exit
     status; an interrupt exits with 130.
     """
+    _expandable_segments()
     try:
         app(prog_name="medinv")
     except MedinvError as err:
@@ -73,6 +79,15 @@ def main() -> None:
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _expandable_segments() -> None:
+    """Let PyTorch's CUDA allocator grow memory segments in place, which keeps memory from
+    fragmenting when input sizes vary, unless the user configured the allocator. CUDA reads
+    the setting when it initialises, after this."""
+    names = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+    if not any(os.environ.get(name) for name in names):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 @app.command()
@@ -312,6 +327,13 @@ def train_segment(
     resume: Annotated[bool, typer.Option(help="Continue from --out/last.pt.")] = False,
     device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Start afresh in a used run folder.")] = False,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget, e.g. 16GiB or auto: train on the largest crops that fit "
+            "(replaces the config's data.roi_size)."
+        ),
+    ] = None,
 ) -> None:
     """Train a 3D segmenter (iUNet, or the SegResNet baseline) on BraTS-style cases.
 
@@ -338,6 +360,11 @@ def train_segment(
     train, val = split_cases(labelled, settings.data.val_fraction, settings.train.seed)
     job, torch_device = from_environment(_torch_device(device))
     main = job is None or job.is_main
+    if gpu_memory is not None:
+        crops = _plan_training_crop(settings, train, torch_device, gpu_memory)
+        settings.data.roi_size = crops.crop
+        if main:
+            print(f"memory planner: {crops.describe()}")
     if main:
         print(f"{len(train)} training and {len(val)} validation cases; {_job_name(job, device)}")
     with _progress(None, "training") as report:
@@ -388,6 +415,7 @@ def segment(
     device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     shard: Annotated[str | None, typer.Option(help=SHARD_HELP)] = None,
+    gpu_memory: Annotated[str | None, typer.Option(help=GPU_MEMORY_HELP)] = None,
 ) -> None:
     """Segment brain tumours: label maps (0/1/2/4) in each input's own grid and affine.
 
@@ -397,6 +425,8 @@ def segment(
 
     --shard i/n: worker i takes every n-th case, skips finished ones, writes a shard table.
 
+    --gpu-memory 16GiB: window, batch, stitching and precision are planned per case to fit.
+
     Example: medinv segment data/brats_like_small/test --out seg/ --preview
     """
     from medinv.errors import InputError
@@ -404,6 +434,8 @@ def segment(
     from medinv.training.checkpoint import bundled_weights, load_model
 
     _parse_roi(roi, None)  # a malformed --roi fails before any work
+    if roi is not None and gpu_memory is not None:
+        raise InputError("give --roi or --gpu-memory, not both: the planner chooses the ROI")
     cases, convention = _discover_inputs(inputs, et_label)
     network, payload = load_model(model or bundled_weights(DEFAULT_SEGMENTER))
     trained = payload.get("config", {})
@@ -418,6 +450,7 @@ def segment(
         raise InputError(f"--roi {roi} is not a multiple of the model's total stride {stride}")
     torch_device = _torch_device(device)
     network.to(torch_device)
+    planner = None if gpu_memory is None else _planner(network, torch_device, gpu_memory)
     settings = SegmentationSettings(
         roi_size=roi_size,
         overlap=overlap if overlap is not None else inference.get("overlap", 0.5),
@@ -433,13 +466,15 @@ def segment(
         cases,
         name=lambda case: case["case_id"],
         done=lambda case: (out / f"{case['case_id']}.nii.gz").exists(),
-        work=lambda case: segment_case(network, case, out, settings, torch_device),
+        work=lambda case: segment_case(network, case, out, settings, torch_device, planner),
         out=out,
         shard=shard,
         overwrite=overwrite,
     )
     done = sum(r["status"] == "done" for r in rows)
     print(f"{done} of {len(rows)} cases segmented into {out}")
+    if planner is not None:
+        print(planner.summary())
     _report_failures(failures)
 
 
@@ -510,7 +545,10 @@ def reconstruct(
     sensitivities: Annotated[
         str, typer.Option(help="Coil maps for multi-coil data: acs (fast) or espirit.")
     ] = "acs",
-    batch_size: Annotated[int, typer.Option(help="Slices per model call.")] = 4,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Slices per model call (4; with --gpu-memory, the most it may pick)."),
+    ] = None,
     targets: Annotated[
         Path | None,
         typer.Option(help="Folder of fully sampled files of the same names holding targets."),
@@ -519,12 +557,15 @@ def reconstruct(
     device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     shard: Annotated[str | None, typer.Option(help=SHARD_HELP)] = None,
+    gpu_memory: Annotated[str | None, typer.Option(help=GPU_MEMORY_HELP)] = None,
 ) -> None:
     """Reconstruct undersampled MRI with an i-RIM; write fastMRI submission files.
 
     Test files use their own mask; fully sampled files need --acceleration.
 
     Where files hold targets, NMSE/PSNR/SSIM (model and zero-filled) go to <out>/metrics.csv.
+
+    --gpu-memory 16GiB: the slice batch is chosen per file to fit.
 
     Example: medinv reconstruct kspace/multicoil_test --targets kspace/multicoil_test_full --out r/
     """
@@ -545,12 +586,26 @@ def reconstruct(
     network, _ = load_model(model or bundled_weights(DEFAULT_RECONSTRUCTOR))
     torch_device = _torch_device(device)
     network.to(torch_device)
+    planner = None
+    if gpu_memory is not None:
+        from medinv.inference.planner import use_cudnn_benchmark
+        from medinv.mri.io import KSpaceFile
+
+        planner = _planner(network, torch_device, gpu_memory)
+        shapes = []
+        for path in files:
+            try:
+                with KSpaceFile(path) as f:
+                    shapes.append(f.shape)
+            except MedinvError:
+                shapes.append(None)  # reported when its turn comes
+        use_cudnn_benchmark(shapes)
     settings = ReconstructionSettings(
         acceleration=acceleration,
         center_fraction=center_fraction,
         mask_type=mask_type,
         sensitivities=sensitivities,
-        batch_size=batch_size,
+        batch_size=batch_size or (None if planner else 4),
         preview=preview,
         overwrite=overwrite,
     )
@@ -566,6 +621,7 @@ def reconstruct(
             settings,
             torch_device,
             target_file=None if targets is None else targets / path.name,
+            planner=planner,
         ),
         out=out,
         shard=shard,
@@ -579,6 +635,8 @@ def reconstruct(
         write_atomically(out / "metrics.csv", lambda tmp: table.to_csv(tmp, index=False))
         _print_reconstruction_metrics(table)
     print(f"{len(rows)} files reconstructed into {out}")
+    if planner is not None:
+        print(planner.summary())
     _report_failures(failures)
 
 
@@ -655,6 +713,184 @@ def _run_cases(command, items, name, done, work, out: Path, shard, overwrite):
         path = out / shard_table_name(command, index, count)
         write_atomically(path, lambda tmp: table.to_csv(tmp, index=False))
     return rows, failures
+
+
+@app.command()
+def plan(
+    shape: Annotated[
+        str,
+        typer.Option(
+            "--shape",
+            help="Segmenters: the volume, e.g. 240,240,155. Reconstructors: "
+            "slices,coils,height,width (multi-coil) or slices,height,width.",
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="Checkpoint, YAML config (its model, untrained), 'default' (the bundled "
+            "segmenter) or 'default-reconstructor'.",
+        ),
+    ] = "default",
+    gpu_memory: Annotated[
+        str, typer.Option(help="Memory budget, e.g. 16GiB, 32GB, or auto (the free memory).")
+    ] = "auto",
+    mode: Annotated[
+        str, typer.Option(help="inference, or train (the largest crop or slice batch).")
+    ] = "inference",
+    batch_size: Annotated[int, typer.Option(help="Training crops per step (train).")] = 1,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="fp32 or bf16 (train: also fp16). Default: fp32, bf16 where fp32 cannot fit; "
+            "train: the config's amp."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
+) -> None:
+    """Plan how a model runs on an input of a given size within a memory budget.
+
+    Measures the model's peak memory at three small sizes on the device; fits it in voxels.
+
+    Segmenters: whole volume or sliding window (ROI, windows per call, stitching), precision.
+
+    Reconstructors: the slice batch. --mode train: the largest crop or slice batch.
+
+    Exits with status 4 when nothing fits.
+
+    Example: medinv plan --model default --shape 240,240,155 --gpu-memory 16GiB
+    """
+    from medinv.devices import describe
+    from medinv.errors import InputError, ResourceError
+    from medinv.inference.plans import format_bytes, size_text
+    from medinv.inference.workloads import Reconstructor
+
+    if mode not in ("inference", "train"):
+        raise InputError(f"--mode must be inference or train, got {mode!r}")
+    try:
+        size = tuple(int(n) for n in shape.replace("x", ",").split(","))
+    except ValueError:
+        size = ()
+    if not size or min(size) < 1:
+        raise InputError(f"--shape {shape}: expected sizes like 240,240,155")
+    network, trained = _model_for_planning(model)
+    torch_device = _torch_device(device)
+    inference = mode == "inference"
+    if inference:
+        network.to(torch_device)
+    planner = _planner(network, torch_device, gpu_memory, precision if inference else None)
+    if isinstance(planner.work, Reconstructor):
+        if len(size) not in (3, 4):
+            raise InputError(f"--shape {shape}: a reconstructor needs slices,[coils,]height,width")
+        result = planner.plan_reconstruction(size, mode)
+        calibration = planner.calibration(mode, "fp32", size[1] if len(size) == 4 else None)
+        rows = [("slice batch", str(result.batch_size))]
+    elif inference:
+        overlap = trained.get("inference", {}).get("overlap", 0.5)
+        result = planner.plan_segmentation(size, overlap)
+        calibration = planner.calibration(mode, result.precision)
+        rows = [("plan", "whole volume"), ("precision", result.precision)]
+        if result.roi_size is not None:
+            where = "in CPU memory" if result.stitch_on_cpu else "on the device"
+            rows[:1] = [
+                ("plan", "sliding window"),
+                ("ROI", size_text(result.roi_size)),
+                ("windows per call", str(result.sw_batch_size)),
+                ("output stitched", where),
+            ]
+    else:
+        amp = trained.get("train", {}).get("amp", "none")
+        chosen = precision or {"none": "fp32"}.get(amp, amp)
+        result = planner.plan_training_crop(size, batch_size, chosen)
+        calibration = planner.calibration(mode, chosen)
+        rows = [("training crop", size_text(result.crop)), ("precision", result.precision)]
+    units = "slices x pixels" if isinstance(planner.work, Reconstructor) else "voxels"
+    intercept = round(calibration.intercept / 2**20, 1) + 0.0  # no "-0.0"
+    budget = "no limit"
+    if planner.budget is not None:
+        budget = f"{format_bytes(planner.budget)} ({format_bytes(planner.limit)} usable)"
+    table = Table(title=result.describe(), show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    for item, value in [
+        ("model", model),
+        ("device", describe(torch_device)),
+        ("budget", budget),
+        ("mode", mode),
+        ("shape", size_text(size)),
+        *rows,
+        ("predicted peak", format_bytes(result.predicted_peak)),
+        ("resident", f"{format_bytes(calibration.resident)} (weights; Adam's state in training)"),
+        ("step peak", f"{calibration.slope:.0f} B x {units} {intercept:+.1f} MiB (measured fit)"),
+    ]:
+        table.add_row(item, escape(value))
+    Console().print(table)
+    if not result.fits:
+        raise ResourceError(f"{size_text(size)} does not fit: {result.describe()}")
+
+
+def _planner(network, device, gpu_memory: str, precision: str | None = None):
+    """A memory planner for ``--gpu-memory``; calibrations are also kept in
+    ``$MEDINV_PLANNER_CACHE`` where that is set."""
+    from medinv.errors import InputError
+    from medinv.inference.planner import Planner
+    from medinv.inference.plans import resolve_budget
+
+    try:
+        budget = resolve_budget(gpu_memory, device)
+    except InputError as err:
+        raise InputError(f"--gpu-memory: {err}") from err
+    cache = os.environ.get("MEDINV_PLANNER_CACHE")
+    return Planner(
+        network,
+        device,
+        budget,
+        precision=precision,
+        cache_dir=Path(cache).expanduser() if cache else None,
+        log=lambda line: print(f"medinv: warning: {line}", file=sys.stderr),
+    )
+
+
+def _plan_training_crop(settings, cases: list[dict], device, gpu_memory: str):
+    """The largest training crop of a segmentation config, for its batch size and amp,
+    at most the largest case (header shapes); a :class:`ResourceError` if none fits."""
+    from medinv.data.brats import oriented_shape
+    from medinv.errors import ResourceError
+    from medinv.models import build_model
+
+    network = build_model(settings.model.kind, settings.model_kwargs())
+    shapes = [oriented_shape(c["image"], settings.data.spacing) for c in cases]
+    largest = tuple(max(s[a] for s in shapes) for a in range(3))
+    precision = {"none": "fp32"}.get(settings.train.amp, settings.train.amp)
+    planner = _planner(network, device, gpu_memory)
+    crops = planner.plan_training_crop(largest, settings.train.batch_size, precision)
+    if not crops.fits:
+        raise ResourceError(
+            f"--gpu-memory {gpu_memory}: no training crop fits ({crops.describe()})"
+        )
+    return crops
+
+
+def _model_for_planning(spec: str) -> tuple[Any, dict]:
+    """The model ``medinv plan --model`` names, and its training config (may be empty)."""
+    from medinv.models import build_model
+    from medinv.training.checkpoint import bundled_weights, load_model
+    from medinv.training.config import load_config
+
+    bundled = {"default": DEFAULT_SEGMENTER, "default-reconstructor": DEFAULT_RECONSTRUCTOR}
+    path = Path(spec)
+    if spec in bundled or spec in bundled.values():
+        path = bundled_weights(bundled.get(spec, spec))
+    if path.suffix in (".yaml", ".yml"):
+        config = load_config(path)
+        if config.task == "segment":
+            kind, kwargs = config.model.kind, config.model_kwargs()
+        else:
+            kind, kwargs = config.model.kind, config.model.kwargs()
+        return build_model(kind, kwargs), config.model_dump(mode="json")
+    network, payload = load_model(path)
+    return network, payload.get("config", {})
 
 
 @app.command("export-bundle")

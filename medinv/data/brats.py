@@ -42,6 +42,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -377,6 +378,27 @@ def load_case(
             label = _read_array(case.label).reshape(grid.shape)
         label = np.rint(label).astype(np.int16)
     return LoadedCase(np.ascontiguousarray(image, dtype=np.float32), label, grid.affine)
+
+
+def oriented_shape(
+    image: str | Path | Sequence[str | Path], spacing: Sequence[float] | None = None
+) -> tuple[int, int, int]:
+    """The spatial shape of an image (its first file) once oriented to RAS and, with
+    ``spacing`` (mm), resampled: the grid the model sees before the foreground crop, read
+    from the header only."""
+    import nibabel as nib
+
+    path = Path(image if isinstance(image, (str, Path)) else image[0])
+    shape, affine = _read_header(path)
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    oriented, voxel = [0, 0, 0], [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(nib.orientations.io_orientation(affine)):
+        oriented[int(target)], voxel[int(target)] = shape[axis], float(sizes[axis])
+    if spacing is not None:
+        oriented = [
+            math.ceil(n * v / s - 1e-6) for n, v, s in zip(oriented, voxel, spacing, strict=True)
+        ]
+    return tuple(oriented)
 
 
 def _fmt(shape: Sequence[int]) -> str:

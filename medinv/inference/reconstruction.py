@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import imageio.v3 as imageio
 import numpy as np
@@ -25,6 +25,9 @@ from medinv.mri.coils import acs_sensitivities, espirit_maps
 from medinv.mri.fft import center_crop, ifft2c, rss
 from medinv.mri.io import KSpaceFile, write_reconstruction
 from medinv.mri.masks import create_mask_func, seed_from_name
+
+if TYPE_CHECKING:
+    from .planner import Planner
 
 SensitivityMethod = Literal["acs", "espirit"]
 
@@ -115,7 +118,8 @@ class ReconstructionSettings:
         acceleration, center_fraction, mask_type: undersample fully sampled files with this
             fastMRI mask (seeded from the file name); files with their own ``mask`` keep it.
         sensitivities: ``"acs"`` or ``"espirit"`` for multi-coil data.
-        batch_size: slices per model call.
+        batch_size: slices per model call (None: all of a file's); with a memory planner,
+            the most it may choose.
         preview: also write ``<name>.png`` (zero-filled | model | target | error).
         overwrite: replace existing outputs.
     """
@@ -124,7 +128,7 @@ class ReconstructionSettings:
     center_fraction: float | None = None
     mask_type: str = "equispaced_fraction"
     sensitivities: SensitivityMethod = "acs"
-    batch_size: int = 4
+    batch_size: int | None = 4
     preview: bool = False
     overwrite: bool = False
 
@@ -140,9 +144,13 @@ def reconstruct_file(
     device: torch.device,
     progress: Callable[[], None] | None = None,
     target_file: Path | None = None,
+    planner: Planner | None = None,
 ) -> dict[str, Any]:
     """Reconstruct every slice of a fastMRI file and write ``<out_dir>/<name>`` (the
     ``reconstruction`` float32 ``(slices, h, w)`` on the header's reconstruction matrix).
+
+    With a ``planner``, its plan for the file's shape sets the slice batch (at most
+    ``settings.batch_size``), halved where memory runs out all the same.
 
     Returns a row for the results table: file, acceleration, and, where the file (or
     ``target_file``, e.g. the fully sampled twin of a test file) holds a target,
@@ -157,21 +165,31 @@ def reconstruct_file(
         recon_shape = (f.header.recon_size[0], f.header.recon_size[1])
         mask, num_low, acceleration = _mask_of(f, path, settings)
         has_target = f.target_key is not None
-        outputs, baselines = [], []
-        for start in range(0, f.num_slices, settings.batch_size):
-            indices = range(start, min(start + settings.batch_size, f.num_slices))
-            kspace = torch.stack([f.kspace(i) for i in indices]) * mask
-            measurement = prepare(kspace, mask, num_low, f.multicoil, settings.sensitivities)
-            measurement = measurement.to(device)
-            with torch.no_grad():
-                estimate = reconstruct(model, measurement)
-            outputs.append(magnitude_crop(estimate, recon_shape).float().cpu())
-            baselines.append(magnitude_crop(zero_filled(measurement), recon_shape).float().cpu())
-            if progress is not None:
-                for _ in indices:
-                    progress()
+
+        def run(batch_size: int) -> tuple[Tensor, Tensor]:
+            outputs, baselines = [], []
+            for start in range(0, f.num_slices, batch_size):
+                indices = range(start, min(start + batch_size, f.num_slices))
+                kspace = torch.stack([f.kspace(i) for i in indices]) * mask
+                measurement = prepare(kspace, mask, num_low, f.multicoil, settings.sensitivities)
+                measurement = measurement.to(device)
+                with torch.no_grad():
+                    estimate = reconstruct(model, measurement)
+                outputs.append(magnitude_crop(estimate, recon_shape).float().cpu())
+                zero = magnitude_crop(zero_filled(measurement), recon_shape)
+                baselines.append(zero.float().cpu())
+                if progress is not None:
+                    for _ in indices:
+                        progress()
+            return torch.cat(outputs), torch.cat(baselines)
+
+        if planner is None:
+            volume, baseline = run(settings.batch_size or f.num_slices)
+        else:
+            plan = planner.plan_reconstruction(f.shape, max_batch=settings.batch_size)
+            volume, baseline = planner.run(plan, lambda p: run(p.batch_size), path.name)
         target = _targets(f) if has_target else None
-    volume, baseline = torch.cat(outputs).numpy(), torch.cat(baselines).numpy()
+    volume, baseline = volume.numpy(), baseline.numpy()
     write_reconstruction(out_path, volume, overwrite=settings.overwrite)
     if target_file is not None:
         with KSpaceFile(target_file) as t:

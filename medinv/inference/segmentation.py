@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import imageio.v3 as imageio
 import nibabel as nib
@@ -24,6 +25,9 @@ from medinv.data.transforms import (
 from medinv.errors import InputError
 from medinv.io import write_atomically
 
+if TYPE_CHECKING:
+    from .planner import Planner
+
 
 def predict_probabilities(
     model: nn.Module,
@@ -33,12 +37,15 @@ def predict_probabilities(
     sw_batch_size: int = 1,
     tta: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    sw_device: torch.device | None = None,
 ) -> Tensor:
-    """Sigmoid probabilities of the regions (TC, WT, ET) for ``image (B, 4, *S)``.
+    """Sigmoid probabilities of the regions (TC, WT, ET) for ``image (B, 4, *S)``, on the
+    image's device.
 
     With ``roi_size``, MONAI's ``sliding_window_inference`` with Gaussian blending; without
     it, the whole volume at once. ``tta`` averages over the 8 combinations of flips along
-    the spatial axes.
+    the spatial axes. ``sw_device``: the model's device where the image (and so the
+    stitched output) is elsewhere, e.g. in CPU memory to spare the GPU's.
     """
     flips = [()]
     if tta:
@@ -50,7 +57,7 @@ def predict_probabilities(
     with (
         torch.no_grad(),
         torch.autocast(
-            image.device.type,
+            (sw_device or image.device).type,
             dtype=autocast_dtype or torch.float32,
             enabled=autocast_dtype is not None,
         ),
@@ -61,7 +68,13 @@ def predict_probabilities(
                 logits = model(x)
             else:
                 logits = sliding_window_inference(
-                    x, roi_size, sw_batch_size, model, overlap=overlap, mode="gaussian"
+                    x,
+                    roi_size,
+                    sw_batch_size,
+                    model,
+                    overlap=overlap,
+                    mode="gaussian",
+                    sw_device=sw_device,
                 )
             probabilities = torch.sigmoid(logits.float())
             probabilities = probabilities.flip(axes) if axes else probabilities
@@ -87,11 +100,13 @@ def regions_to_labels(regions: Tensor, values: Sequence[int] = (1, 2, 4)) -> Ten
 
 @dataclass
 class SegmentationSettings:
-    """How to run a segmentation model on whole cases."""
+    """How to run a segmentation model on whole cases (``stitch_on_cpu``: keep the image
+    and the stitched sliding-window output in CPU memory; windows run on the device)."""
 
     roi_size: Sequence[int] | None = (128, 128, 128)
     overlap: float = 0.5
     sw_batch_size: int = 1
+    stitch_on_cpu: bool = False
     tta: bool = False
     spacing: Sequence[float] | None = None
     convention: Convention = CANONICAL
@@ -102,16 +117,39 @@ class SegmentationSettings:
     autocast_dtype: torch.dtype | None = None
 
 
+def predict_volume(
+    model: nn.Module, image: Tensor, settings: SegmentationSettings, device: torch.device
+) -> Tensor:
+    """The probabilities ``(3, *S)`` of one preprocessed image ``(4, *S)``, both in CPU
+    memory, computed on ``device`` as ``settings`` say (ROI, window batch, stitching, TTA,
+    precision)."""
+    on_cpu = settings.stitch_on_cpu and settings.roi_size is not None
+    return predict_probabilities(
+        model,
+        image.unsqueeze(0) if on_cpu else image.unsqueeze(0).to(device),
+        settings.roi_size,
+        settings.overlap,
+        settings.sw_batch_size,
+        settings.tta,
+        settings.autocast_dtype,
+        sw_device=device if on_cpu else None,
+    )[0].cpu()
+
+
 def segment_case(
     model: nn.Module,
     case: dict,
     out_dir: Path,
     settings: SegmentationSettings,
     device: torch.device,
+    planner: Planner | None = None,
 ) -> dict[str, Path]:
     """Segment one case; write ``<case_id>.nii.gz`` (labels in the input's own grid,
     orientation, affine and label convention) and, if asked, the probability maps (TC, WT,
     ET) and a preview PNG.
+
+    With a ``planner``, its plan for the case's size sets the ROI, window batch, stitching
+    and precision of ``settings``, and smaller plans are tried where memory runs out.
 
     Returns the written paths by kind. Raises :class:`InputError` if an output exists and
     ``overwrite`` is off, before any work is done.
@@ -131,15 +169,13 @@ def segment_case(
     data = preprocessing({IMAGE: case[IMAGE]})
     image = data[IMAGE]
     model.eval()
-    probabilities = predict_probabilities(
-        model,
-        image.unsqueeze(0).to(device),
-        settings.roi_size,
-        settings.overlap,
-        settings.sw_batch_size,
-        settings.tta,
-        settings.autocast_dtype,
-    )[0].cpu()
+    if planner is None:
+        probabilities = predict_volume(model, image, settings, device)
+    else:
+        plan = planner.plan_segmentation(image.shape[1:], settings.overlap, settings.tta)
+        probabilities = planner.run(
+            plan, lambda p: predict_volume(model, image, p.apply(settings), device), case_id
+        )
     data["pred"] = MetaTensor(
         probabilities, meta=image.meta, applied_operations=image.applied_operations
     )

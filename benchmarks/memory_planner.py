@@ -1,0 +1,322 @@
+"""The memory planner on inputs of varying size, under emulated 16 and 32 GiB GPUs.
+
+In one process, per budget (``torch.cuda.set_per_process_memory_fraction``), a seeded
+shuffle of
+
+- fastMRI-size multi-coil volumes (640x368 or 640x372 k-space, 15-20 coils, 30-45 slices;
+  random complex k-space, random coil maps, a 4x equispaced mask) through the 2D i-RIM of
+  ``configs/irim_multicoil.yaml``, slice-batched as ``medinv reconstruct`` runs it;
+- volumes of 128^3, 240x240x160, 256^3 and 512x512x200 voxels (four random contrasts)
+  through the 3D iUNet segmenter of ``configs/iunet_brats_like.yaml`` (32 channels),
+  inference as ``medinv segment`` runs it.
+
+Each case runs with the planner (``--gpu-memory``: the plan, predicted against measured
+peak, time, out-of-memory retries) and then naively (all slices in one batch; the whole
+volume in fp32), where running out of memory is recorded. Weights are the untrained
+initialisation: memory and time do not depend on them. The measured peak of a case is CUDA's
+``max_memory_allocated`` during it, less what was allocated before, plus the model's own
+weights (what the planner predicts); "of budget" is the process's whole peak over the budget.
+
+    python benchmarks/memory_planner.py --out benchmarks/results/memory_planner_h100.md
+    python benchmarks/memory_planner.py --smoke   # CPU, toy sizes, budgets not enforced
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import gib, header, publish, synchronize  # noqa: E402
+from medinv.errors import ResourceError  # noqa: E402
+from medinv.inference.memory_model import resident_bytes  # noqa: E402
+from medinv.inference.peak import measure_peak, release_memory  # noqa: E402
+from medinv.inference.planner import Planner  # noqa: E402
+from medinv.inference.plans import parse_memory  # noqa: E402
+from medinv.inference.reconstruction import (  # noqa: E402
+    Measurement,
+    magnitude_crop,
+    reconstruct,
+    zero_filled,
+)
+from medinv.inference.segmentation import SegmentationSettings, predict_volume  # noqa: E402
+from medinv.models import build_model  # noqa: E402
+from medinv.training.config import load_config  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+VOLUMES = [(128, 128, 128), (240, 240, 160), (256, 256, 256), (512, 512, 200)]
+SMOKE_VOLUMES = [(32, 32, 32), (48, 48, 32), (64, 64, 64), (96, 80, 40)]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input: ``shape`` is (slices, coils, H, W) for the i-RIM, spatial for the iUNet."""
+
+    model: str
+    shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {'x'.join(map(str, self.shape))}"
+
+
+def draw_cases(args) -> list[Case]:
+    """The i-RIM and iUNet cases (each budget runs them all, in its own shuffled order)."""
+    rng = random.Random(args.seed)
+    cases = []
+    for _ in range(args.irim_cases):
+        if args.smoke:
+            shape = (rng.randint(3, 6), rng.randint(3, 4), 64, rng.choice([48, 52]))
+        else:
+            shape = (rng.randint(30, 45), rng.randint(15, 20), 640, rng.choice([368, 372]))
+        cases.append(Case("i-RIM", shape))
+    volumes = SMOKE_VOLUMES if args.smoke else VOLUMES
+    for i in range(args.iunet_cases):
+        shape = volumes[i] if i < len(volumes) else rng.choice(volumes)
+        cases.append(Case("iUNet", shape))
+    return cases
+
+
+def build_models(args, device: torch.device) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    if args.smoke:
+        irim = build_model(
+            "irim",
+            {"state_channels": 8, "steps": 2, "layers_per_step": 2, "dilations": [1, 2]}
+            | {"hidden_channels": 8},
+        )
+        iunet = build_model(
+            "iunet",
+            {"in_channels": 4, "out_channels": 3, "channels": 4, "dim": 3}
+            | {"architecture": [1, 1, 1]},
+        )
+    else:
+        recon = load_config(CONFIGS / "irim_multicoil.yaml", task="reconstruct")
+        seg = load_config(CONFIGS / "iunet_brats_like.yaml", task="segment")
+        irim = build_model(recon.model.kind, recon.model.kwargs())
+        iunet = build_model(seg.model.kind, seg.model_kwargs())
+    return {"i-RIM": irim.to(device).eval(), "iUNet": iunet.to(device).eval()}
+
+
+class Inputs:
+    """Synthetic inputs, made once per shape: random k-space slices (a few, repeated to
+    the volume's length) with coil maps and a mask, and random four-contrast volumes."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cache: dict[tuple, object] = {}
+
+    def kspace(self, coils: int, height: int, width: int):
+        key = ("k", coils, height, width)
+        if key not in self.cache:
+            shape = (4, coils, height, width)
+            kspace = torch.randn(shape, dtype=torch.complex64, generator=self.generator)
+            maps = torch.randn(shape, dtype=torch.complex64, generator=self.generator)
+            maps /= maps.abs().square().sum(1, keepdim=True).sqrt()
+            mask = torch.zeros(width)
+            mask[::4] = 1
+            centre = round(0.08 * width)
+            mask[(width - centre) // 2 : (width + centre) // 2] = 1
+            self.cache[key] = (kspace * mask, mask.view(1, 1, width), maps)
+        return self.cache[key]
+
+    def prepare(self, case: Case) -> None:
+        """Make a case's inputs now, outside what is measured."""
+        if case.model == "i-RIM":
+            self.kspace(*case.shape[1:])
+        else:
+            self.volume(case.shape)
+
+    def volume(self, shape: tuple[int, ...]) -> torch.Tensor:
+        key = ("v", *shape)
+        if key not in self.cache:
+            self.cache[key] = torch.randn((4, *shape), generator=self.generator)
+        return self.cache[key]
+
+
+def reconstruct_volume(model, inputs: Inputs, shape, batch_size: int, device) -> torch.Tensor:
+    """``medinv reconstruct``'s device work for one volume: per slice batch, the
+    measurement moved to the device, the model, the zero-filled baseline, both cropped."""
+    slices, coils, height, width = shape
+    kspace, mask, maps = inputs.kspace(coils, height, width)
+    crop = (min(320, height), min(320, width))  # the fastMRI reconstruction grid
+    outputs = []
+    for start in range(0, slices, batch_size):
+        index = [i % len(kspace) for i in range(start, min(start + batch_size, slices))]
+        batch = len(index)
+        measurement = Measurement(
+            kspace[index], mask.expand(batch, 1, 1, width), maps[index], torch.ones(batch)
+        ).to(device)
+        with torch.no_grad():
+            estimate = reconstruct(model, measurement)
+        outputs.append(magnitude_crop(estimate, crop).cpu())
+        magnitude_crop(zero_filled(measurement), crop).cpu()
+    return torch.cat(outputs)
+
+
+def measured(run, device: torch.device) -> tuple[int, float, int]:
+    """Peak bytes above what was allocated before, seconds, and (CUDA) the whole peak."""
+    synchronize(device)
+    started = time.perf_counter()
+    peak = measure_peak(run, device)
+    seconds = time.perf_counter() - started
+    total = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak
+    return peak, seconds, total
+
+
+def segment_volume(model, image, settings, device) -> torch.Tensor:
+    """``predict_volume``; on the CPU the image is copied first, as a GPU run copies it to
+    the device, so that both measure the same."""
+    return predict_volume(model, image.clone() if device.type == "cpu" else image, settings, device)
+
+
+def run_case(case: Case, planner: Planner, inputs: Inputs, device, overlap: float) -> dict:
+    model = planner.model
+    inputs.prepare(case)
+    if case.model == "i-RIM":
+        plan = planner.plan_reconstruction(case.shape)
+
+        def attempt(p):
+            return reconstruct_volume(model, inputs, case.shape, p.batch_size, device)
+    else:
+        plan = planner.plan_segmentation(case.shape, overlap)
+        image = inputs.volume(case.shape)
+        settings = SegmentationSettings(overlap=overlap)
+
+        def attempt(p):
+            return segment_volume(model, image, p.apply(settings), device)
+
+    retries, used = planner.retries, len(planner.used)
+    row = {"case": case.name, "plan": plan.describe().split(":")[0]}
+    try:
+        peak, seconds, total = measured(lambda: planner.run(plan, attempt, case.name), device)
+    except ResourceError:  # out of memory even with the smallest plan
+        return row | {"status": "failed"}
+    final = planner.used[used] if len(planner.used) > used else plan
+    measured_peak = peak + resident_bytes(model, "inference")
+    return row | {
+        "status": "done",
+        "final plan": final.describe().split(":")[0] if final is not plan else "",
+        "predicted GiB": gib(final.predicted_peak),
+        "measured GiB": gib(measured_peak),
+        "error %": 100 * (final.predicted_peak - measured_peak) / measured_peak,
+        "of budget": total / planner.budget if device.type == "cuda" else float("nan"),
+        "seconds": seconds,
+        "OOM retries": planner.retries - retries,
+    }
+
+
+def run_naive(case: Case, model, inputs: Inputs, device) -> dict:
+    """All slices in one batch, or the whole volume in fp32; None peak where it ran out."""
+    if case.model == "i-RIM":
+
+        def run():
+            reconstruct_volume(model, inputs, case.shape, case.shape[0], device)
+    else:
+        image = inputs.volume(case.shape)
+        settings = SegmentationSettings(roi_size=None)
+
+        def run():
+            segment_volume(model, image, settings, device)
+
+    try:
+        peak, seconds, _ = measured(run, device)
+    except torch.OutOfMemoryError:
+        return {"naive GiB": "OOM", "naive seconds": float("nan")}
+    finally:
+        release_memory(device)
+    return {"naive GiB": gib(peak + resident_bytes(model, "inference")), "naive seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--budgets", nargs="+", default=["16GiB", "32GiB"])
+    parser.add_argument("--irim-cases", type=int, default=6)
+    parser.add_argument("--iunet-cases", type=int, default=6)
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes and budgets")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="write the table (markdown) here")
+    args = parser.parse_args()
+    # As the medinv command does: less fragmentation when sizes vary (before CUDA starts).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    device = torch.device("cpu" if args.smoke else args.device)
+    if args.smoke and args.budgets == parser.get_default("budgets"):
+        args.budgets = ["64MiB", "128MiB"]
+    models = build_models(args, device)
+    weights = {name: resident_bytes(m, "inference") for name, m in models.items()}
+    cases, inputs, rows, calibration_seconds = draw_cases(args), Inputs(args.seed), [], 0.0
+    for b, budget_text in enumerate(args.budgets):
+        budget = parse_memory(budget_text)
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        # each planner's budget leaves room for the other model's weights
+        planners = {
+            name: Planner(model, device, budget - sum(weights.values()) + weights[name])
+            for name, model in models.items()
+        }
+        started = time.perf_counter()
+        for case in cases:  # calibrate up front, so that case times are inference only
+            if case.model == "i-RIM":
+                planners["i-RIM"].calibration("inference", "fp32", case.shape[1])
+        planners["iUNet"].calibration("inference", "fp32")
+        calibration_seconds += time.perf_counter() - started
+        order = list(cases)
+        random.Random(args.seed + b).shuffle(order)
+        for case in order:
+            row = {"budget": budget_text} | run_case(
+                case, planners[case.model], inputs, device, args.overlap
+            )
+            row |= run_naive(case, models[case.model], inputs, device)
+            rows.append(row)
+            print(row, flush=True)
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    table = pd.DataFrame(rows)
+    publish(report(table, args, device, calibration_seconds), args.out)
+
+
+def report(table: pd.DataFrame, args, device: torch.device, calibration_seconds: float) -> str:
+    done = table[table["status"] == "done"]
+    errors = done["error %"].abs()
+    lines = [
+        "# Memory planner: varying input sizes under emulated GPU budgets",
+        "",
+        header(device),
+        f"- budgets: {', '.join(args.budgets)}"
+        + (" (not enforced on the CPU)" if device.type != "cuda" else "")
+        + f"; sliding-window overlap {args.overlap}; seed {args.seed}",
+        f"- calibration (all probes, all budgets): {calibration_seconds:.1f} s",
+        "",
+        table.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "Summary:",
+        "",
+        f"- cases failed with the planner: {int((table['status'] != 'done').sum())} "
+        f"of {len(table)}; out-of-memory retries: {int(done['OOM retries'].sum())}",
+        f"- naive runs out of memory: {int((table['naive GiB'] == 'OOM').sum())} of {len(table)}",
+        f"- median |predicted - measured| / measured: {statistics.median(errors):.1f}% "
+        f"(max {errors.max():.1f}%)"
+        if len(errors)
+        else "- no case ran",
+    ]
+    if device.type == "cuda" and len(done):
+        lines.append(f"- max measured peak / budget: {done['of budget'].max():.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The memory planner: calibrated peaks against measured ones, plans within the budget, and
+the out-of-memory fallback, on the CPU (whose peaks the profiler measures)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+from typer.testing import CliRunner
+
+from medinv import cli
+from medinv.errors import InputError, ResourceError
+from medinv.inference.memory_model import calibrate
+from medinv.inference.peak import measure_peak
+from medinv.inference.planner import Planner
+from medinv.inference.plans import parse_memory, resolve_budget
+from medinv.inference.segmentation import SegmentationSettings, predict_volume, segment_case
+from medinv.models import IRIM, IUNet
+
+from ..synthetic_cases import tiny_kspace_set, write_case
+
+CPU = torch.device("cpu")
+SHAPE = (40, 36, 28)
+
+
+@pytest.fixture(scope="module")
+def iunet() -> IUNet:
+    torch.manual_seed(0)
+    return IUNet(4, 3, channels=4, dim=3, architecture=(1, 1, 1)).eval()  # stride 4
+
+
+def test_parse_memory_reads_binary_and_decimal_units():
+    assert parse_memory("16GiB") == 16 * 2**30
+    assert parse_memory("32gib") == 32 * 2**30
+    assert parse_memory("16GB") == 16 * 10**9
+    assert parse_memory("1.5GiB") == 3 * 2**29
+    assert parse_memory("512 MiB") == 2**29
+    assert parse_memory("4096") == 4096
+    assert parse_memory("auto") is None
+    assert resolve_budget("auto", CPU) is None  # on the CPU: no limit
+    for bad in ("16XB", "-1GiB", "0GiB", "GiB", ""):
+        with pytest.raises(InputError, match="expected e.g. 16GiB"):
+            parse_memory(bad)
+
+
+def test_calibration_predicts_the_measured_peak_of_a_larger_shape(iunet):
+    calibration = calibrate(iunet, CPU, "inference")
+    assert len(calibration.probes) == 3 and calibration.slope > 0
+    # Larger than every probe, with the largest probe's first two axes: ATen chooses CPU
+    # convolution algorithms (with different workspaces) by batch x channels x D x H.
+    shape = (64, 64, 96)
+
+    def step() -> None:
+        with torch.no_grad():
+            iunet(torch.randn(1, 4, *shape))
+
+    measured = measure_peak(step, CPU)
+    predicted = calibration.step_peak(math.prod(shape))
+    assert measured > max(peak for _, peak in calibration.probes)
+    assert abs(predicted - measured) <= 0.15 * measured
+
+
+def test_plans_stay_within_the_budget_whole_volume_first(iunet):
+    unlimited = Planner(iunet, CPU, None).plan_segmentation(SHAPE)
+    assert unlimited.roi_size is None and unlimited.fits
+
+    roomy = Planner(iunet, CPU, int(1.5 * unlimited.predicted_peak / 0.9))
+    plan = roomy.plan_segmentation(SHAPE)
+    assert plan.roi_size is None and plan.predicted_peak <= roomy.budget * (1 - roomy.margin)
+
+    tight = Planner(iunet, CPU, int(0.5 * unlimited.predicted_peak / 0.9))
+    plan = tight.plan_segmentation(SHAPE)
+    assert plan.roi_size is not None and plan.fits
+    assert plan.predicted_peak <= tight.budget * (1 - tight.margin)
+    assert all(
+        r % 4 == 0 and r <= -(-n // 4) * 4 for r, n in zip(plan.roi_size, SHAPE, strict=True)
+    )
+    assert "sliding window" in plan.describe()
+
+    hopeless = Planner(iunet, CPU, 10_000).plan_segmentation(SHAPE)
+    assert not hopeless.fits and "does not fit" in hopeless.describe()
+
+
+def test_training_crops_and_slice_batches_are_the_largest_that_fit(iunet):
+    planner = Planner(iunet, CPU, 48 * 2**20)
+    crops = planner.plan_training_crop((96, 96, 96))
+    assert crops.fits and all(n % 4 == 0 for n in crops.crop)
+    assert crops.predicted_peak <= planner.limit
+    assert crops.crop != (96, 96, 96)  # the whole volume would not fit
+
+    torch.manual_seed(0)
+    irim = IRIM(state_channels=8, steps=2, layers_per_step=2, dilations=(1, 2), hidden_channels=8)
+    planner = Planner(irim, CPU, 32 * 2**20)
+    shape = (40, 6, 128, 96)  # slices, coils, height, width
+    plan = planner.plan_reconstruction(shape)
+    assert plan.fits and 1 <= plan.batch_size < 40
+    one_more = planner._reconstruction(shape, plan.batch_size + 1)
+    assert not one_more.fits
+
+
+def test_stitching_in_cpu_memory_gives_the_same_probabilities(iunet):
+    torch.manual_seed(0)
+    image = torch.randn(4, *SHAPE)
+    settings = SegmentationSettings(roi_size=(16, 16, 16), overlap=0.25)
+    on_device = predict_volume(iunet, image, settings, CPU)
+    in_memory = predict_volume(iunet, image, dataclasses.replace(settings, stitch_on_cpu=True), CPU)
+    torch.testing.assert_close(in_memory, on_device)
+
+
+class RunsOutOnce(nn.Module):
+    """Raises CUDA's out-of-memory error on its first call, then is ``inner``."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape[2:]))
+        if len(self.shapes) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return self.inner(x)
+
+
+def test_out_of_memory_retries_a_smaller_plan_and_logs_one_line(tmp_path, iunet):
+    case = write_case(tmp_path / "in", "c0", shape=SHAPE)
+    lines: list[str] = []
+    planner = Planner(iunet, CPU, None, log=lines.append)
+    flaky = RunsOutOnce(iunet)
+    settings = SegmentationSettings(overlap=0.25)
+    outputs = segment_case(flaky, case, tmp_path / "out", settings, CPU, planner)
+    assert outputs["labels"].is_file()
+    first, second = flaky.shapes[:2]
+    assert math.prod(second) < math.prod(first)  # whole volume, then windows of half of it
+    assert len(lines) == 1 and "c0: out of memory with whole volume" in lines[0]
+    assert "retrying with sliding window" in lines[0]
+
+
+def test_out_of_memory_on_the_smallest_plan_is_a_resource_error(iunet):
+    lines: list[str] = []
+    planner = Planner(iunet, CPU, None, log=lines.append)
+
+    def always_out(plan):
+        raise RuntimeError("MONAI wraps it") from torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(ResourceError, match="c1: out of memory even with"):
+        planner.run(planner.plan_segmentation((16, 16, 8)), always_out, "c1")
+    assert len(lines) >= 2  # halved windows, then bf16, ...
+    with pytest.raises(ValueError, match="not memory"):
+        planner.run(planner.plan_segmentation((16, 16, 8)), _not_memory, "c1")
+
+
+def _not_memory(plan):
+    raise ValueError("not memory")
+
+
+runner = CliRunner()
+
+
+def test_plan_command_prints_a_plan_for_the_bundled_segmenter():
+    result = runner.invoke(
+        cli.app, ["plan", "--shape", "240,240,155", "--gpu-memory", "1GiB", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "sliding window" in result.output and "predicted peak" in result.output
+    assert "1.00 GiB" in result.output
+    too_small = runner.invoke(cli.app, ["plan", "--shape", "240,240,155", "--gpu-memory", "1MiB"])
+    assert isinstance(too_small.exception, ResourceError)
+
+
+def test_segment_with_a_memory_budget_writes_the_same_labels(tmp_path):
+    write_case(tmp_path / "cases", "c0", shape=SHAPE, seed=3)
+    labels, printed = {}, {}
+    # Without the planner, whole-volume inference as the planner chooses it for a roomy
+    # budget (the checkpoint's 96x96x64 window would pad this small case, which changes the
+    # group-norm statistics); with 16 MiB the volume goes through in windows.
+    for option in (["--roi", "whole"], ["--gpu-memory", "1GiB"], ["--gpu-memory", "16MiB"]):
+        out = tmp_path / option[1]
+        args = ["segment", str(tmp_path / "cases"), "--out", str(out), "--device", "cpu"]
+        result = runner.invoke(cli.app, args + option)
+        assert result.exit_code == 0, result.output
+        labels[option[1]] = np.asarray(nib.load(out / "c0.nii.gz").dataobj)
+        printed[option[1]] = result.stdout
+    assert "whole volume x1; 0 out-of-memory retries" in printed["1GiB"]
+    np.testing.assert_array_equal(labels["1GiB"], labels["whole"])
+    assert "sliding window x1" in printed["16MiB"]
+    reference, windowed = labels["whole"] > 0, labels["16MiB"] > 0
+    assert reference.sum() > 100
+    dice = 2 * (windowed & reference).sum() / (windowed.sum() + reference.sum())
+    assert dice > 0.95 and (labels["16MiB"] == labels["whole"]).mean() > 0.99
+
+
+def test_reconstruct_with_a_memory_budget_batches_slices_without_changing_the_result(tmp_path):
+    kspace = tiny_kspace_set(tmp_path, 5, {"train": 0, "val": 0, "test": 1}) / "multicoil_test"
+    volumes, printed = {}, {}
+    for option in (["--batch-size", "1"], ["--gpu-memory", "1GiB"]):
+        out = tmp_path / option[1]
+        args = ["reconstruct", str(kspace), "--out", str(out), "--device", "cpu", *option]
+        result = runner.invoke(cli.app, args)
+        assert result.exit_code == 0, result.output
+        (written,) = out.glob("*.h5")
+        with h5py.File(written) as f:
+            volumes[option[1]] = f["reconstruction"][()]
+        printed[option[1]] = result.stdout
+    assert "batches of 2 slices x1" in printed["1GiB"]  # both slices of the file at once
+    np.testing.assert_allclose(volumes["1GiB"], volumes["1"], rtol=1e-4, atol=1e-6)
+
+
+def test_train_segment_with_a_memory_budget_trains_on_the_planned_crops(tmp_path):
+    for i in range(3):
+        write_case(tmp_path / "cases", f"case{i}", shape=(32, 32, 24), seed=i)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "task": "segment",
+                "data": {"manifest": "cases", "roi_size": [16, 16, 16], "val_fraction": 0.34},
+                "model": {"channels": 4, "architecture": [1, 1, 1]},
+                "train": {"epochs": 1, "seed": 0},
+                "inference": {"roi_size": [16, 16, 16]},
+            }
+        )
+    )
+    run = tmp_path / "run"
+    args = ["train", "segment", "--config", str(config), "--out", str(run), "--device", "cpu"]
+    result = runner.invoke(cli.app, [*args, "--gpu-memory", "8MiB"])
+    assert result.exit_code == 0, result.output
+    found = re.search(r"memory planner: training crops (\d+)x(\d+)x(\d+)", result.stdout)
+    crop = [int(n) for n in found.groups()]
+    assert all(n % 4 == 0 for n in crop) and crop != [16, 16, 16]
+    saved = torch.load(run / "last.pt", weights_only=True)["config"]["data"]["roi_size"]
+    assert list(saved) == crop
