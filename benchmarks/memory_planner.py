@@ -253,6 +253,8 @@ def main() -> None:
     # As the medinv command does: less fragmentation when sizes vary (before CUDA starts).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = torch.device("cpu" if args.smoke else args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if args.smoke and args.budgets == parser.get_default("budgets"):
         args.budgets = ["64MiB", "128MiB"]
     models = build_models(args, device)

@@ -25,6 +25,8 @@ from medinv.data.transforms import (
 from medinv.errors import InputError
 from medinv.io import write_atomically
 
+from .workloads import model_stride
+
 if TYPE_CHECKING:
     from .planner import Planner
 
@@ -65,7 +67,7 @@ def predict_probabilities(
         for axes in flips:
             x = image.flip(axes) if axes else image
             if roi_size is None:
-                logits = model(x)
+                logits = _whole_volume(model, x)
             else:
                 logits = sliding_window_inference(
                     x,
@@ -80,6 +82,18 @@ def predict_probabilities(
             probabilities = probabilities.flip(axes) if axes else probabilities
             total = probabilities if total is None else total + probabilities
     return total / len(flips)
+
+
+def _whole_volume(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)``; for models that need sizes divisible by their stride and do not pad
+    (MONAI's SegResNet), zero-padded at the end of each axis and cropped back."""
+    if any(hasattr(m, "total_stride") for m in model.modules()):
+        return model(x)  # iUNets pad (and crop) themselves
+    pads = [-size % k for size, k in zip(x.shape[2:], model_stride(model), strict=True)]
+    if not any(pads):
+        return model(x)
+    padded = torch.nn.functional.pad(x, [p for pad in reversed(pads) for p in (0, pad)])
+    return model(padded)[(..., *(slice(0, size) for size in x.shape[2:]))]
 
 
 def regions_to_labels(regions: Tensor, values: Sequence[int] = (1, 2, 4)) -> Tensor:

@@ -111,3 +111,19 @@ def test_four_dimensional_input_in_another_channel_order_and_label_convention(tm
     expected = _oracle_labels(case)  # in BraTS 2018-2021 values
     remapped = np.select([expected == 1, expected == 2, expected == 4], [2, 1, 3], 0)
     np.testing.assert_array_equal(labels, remapped)
+
+
+def test_whole_volume_pads_for_models_that_need_divisible_sizes():
+    """SegResNet needs sizes divisible by 8; a BraTS depth of 155 is not. Whole-volume
+    inference pads at the end and crops back: the kept voxels are the padded run's."""
+    from monai.networks.nets import SegResNet
+
+    torch.manual_seed(0)
+    model = SegResNet(spatial_dims=3, init_filters=4, in_channels=4, out_channels=3).eval()
+    image = torch.randn(1, 4, 20, 16, 13)
+    out = predict_probabilities(model, image, None)
+    padded = torch.nn.functional.pad(image, (0, 3, 0, 0, 0, 4))
+    with torch.no_grad():
+        expected = torch.sigmoid(model(padded))[..., :20, :16, :13]
+    assert out.shape == (1, 3, 20, 16, 13)
+    torch.testing.assert_close(out, expected)
