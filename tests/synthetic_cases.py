@@ -71,12 +71,18 @@ def synthetic_anatomy(tmp_path: Path, with_colin: bool = True):
     return locate
 
 
-def tiny_kspace_set(tmp_path: Path, seed: int, volumes: dict[str, int]) -> Path:
-    """A multi-coil fastMRI-schema set (2 slices, 32x32, 4 coils) from synthetic anatomy."""
+def tiny_kspace_set(tmp_path: Path, seed: int, volumes: dict[str, int], slices: int = 2) -> Path:
+    """A multi-coil fastMRI-schema set (``slices`` per volume, 32x32, 4 coils) from synthetic
+    anatomy."""
     from medinv.data.kspace import KSpaceSetConfig, build_kspace_set
 
     config = KSpaceSetConfig(
-        seed=seed, volumes=volumes, slices=2, matrix=32, coils=(4, 4), challenges=("multicoil",)
+        seed=seed,
+        volumes=volumes,
+        slices=slices,
+        matrix=32,
+        coils=(4, 4),
+        challenges=("multicoil",),
     )
     build_kspace_set(tmp_path / "set", config, anatomy=synthetic_anatomy(tmp_path))
     return tmp_path / "set"

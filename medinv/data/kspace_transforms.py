@@ -3,11 +3,11 @@
 Each transform has an array form and a dictionary form (``...d``, with ``keys`` and
 ``allow_missing_keys``), as in MONAI. Items of :class:`KSpaceSliceDataset` are dictionaries:
 
-- ``kspace``: complex64 ``([C,] H, W)`` (a slice) or ``(S, [C,] H, W)`` (a volume);
+- ``kspace``: complex64 ``([C,] H, W)`` (a slice) or ``(S, [C,] H, W)`` (a slab or a volume);
 - ``target``: float32 ``(h, w)`` / ``(S, h, w)`` where the file has one;
 - ``mask``: float32 ``(W,)`` where the file has one (test files);
-- ``filename``, ``slice``, ``padding`` (acquired columns ``[left, right)`` from the header),
-  ``attrs`` (the file's attributes).
+- ``filename``, ``slice`` (the slice, a slab's first slice, -1 for a volume), ``padding``
+  (acquired columns ``[left, right)`` from the header), ``attrs`` (the file's attributes).
 
 A typical training pipeline::
 
@@ -30,6 +30,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from torch.utils.data import Dataset
 
+from medinv.errors import InputError
 from medinv.mri.fft import center_crop, ifft2c, rss
 from medinv.mri.io import KSpaceFile
 from medinv.mri.masks import MaskFunc, Seed, apply_mask, seed_from_name
@@ -235,20 +236,46 @@ class ComplexCenterCropd(MapTransform):
         return d
 
 
+def slab_starts(num_slices: int, slab: int, stride: int | None = None) -> list[int]:
+    """First slices of the slabs of ``slab`` consecutive slices that cover ``num_slices``.
+
+    Slabs start every ``stride`` slices (default ``slab``: no overlap); where these stop
+    short of the end, one more slab is aligned to the end, so it overlaps its predecessor
+    and every slice lies in at least one slab (e.g. 10 slices in slabs of 4: 0, 4, 6).
+
+    Raises:
+        ValueError: ``slab < 1``, ``stride`` outside ``[1, slab]``, or fewer slices than
+            a slab.
+    """
+    stride = slab if stride is None else stride
+    if slab < 1 or not 1 <= stride <= slab:
+        raise ValueError(f"need slab >= 1 and 1 <= stride <= slab, got {slab} and {stride}")
+    if num_slices < slab:
+        raise ValueError(f"{num_slices} slices, fewer than a slab of {slab}")
+    starts = list(range(0, num_slices - slab + 1, stride))
+    if starts[-1] + slab < num_slices:
+        starts.append(num_slices - slab)
+    return starts
+
+
 class KSpaceSliceDataset(Dataset):
-    """Slices (or whole volumes) of fastMRI files, read lazily one item at a time.
+    """Slices, slabs of adjacent slices, or whole volumes of fastMRI files, read lazily.
 
     Opening the dataset reads each file's header only; an item opens its file, reads one
-    slice (or each slice of the volume in turn) and closes it, so workers never share
-    file handles.
+    slice (or each slice of the slab or volume in turn) and closes it, so workers never
+    share file handles. Slabs of a file are laid out by :func:`slab_starts`, in order.
 
     Args:
         files: ``.h5`` files, or one folder whose ``*.h5`` files are used.
         transform: applied to each item dictionary (e.g. a MONAI ``Compose``).
         volumes: yield whole volumes instead of slices.
+        slab: yield slabs of this many consecutive slices instead of slices (3D models).
+        stride: first slices of consecutive slabs this far apart (default ``slab``).
 
     Raises:
-        InputError: a file is not a valid fastMRI file (one line naming it).
+        InputError: a file is not a valid fastMRI file, or has fewer slices than ``slab``
+            (one line naming it).
+        ValueError: both ``volumes`` and ``slab``, or an invalid ``slab`` or ``stride``.
     """
 
     def __init__(
@@ -256,40 +283,56 @@ class KSpaceSliceDataset(Dataset):
         files: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
         transform: Any = None,
         volumes: bool = False,
+        slab: int | None = None,
+        stride: int | None = None,
     ) -> None:
         if isinstance(files, (str, os.PathLike)):
             folder = Path(files)
             paths = sorted(folder.glob("*.h5")) if folder.is_dir() else [folder]
         else:
             paths = [Path(f) for f in files]
-        self.transform, self.volumes = transform, volumes
+        if volumes and slab is not None:
+            raise ValueError("a dataset yields volumes or slabs, not both")
+        self.transform, self.volumes, self.slab = transform, volumes, slab
         self.index: list[tuple[Path, int | None]] = []
         for path in paths:
             with KSpaceFile(path) as f:
-                slices = [None] if volumes else list(range(f.num_slices))
-            self.index += [(path, s) for s in slices]
+                num_slices = f.num_slices
+            if volumes:
+                starts: list[int | None] = [None]
+            elif slab is None:
+                starts = list(range(num_slices))
+            elif num_slices < slab:
+                raise InputError(f"{path}: {num_slices} slices, fewer than a slab of {slab}")
+            else:
+                starts = slab_starts(num_slices, slab, stride)
+            self.index += [(path, s) for s in starts]
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict[Hashable, Any]:
-        path, slice_index = self.index[i]
+        path, start = self.index[i]
+        stacked = start is None or self.slab is not None
         with KSpaceFile(path) as f:
-            indices = range(f.num_slices) if slice_index is None else [slice_index]
+            if start is None:
+                indices = range(f.num_slices)
+            else:
+                indices = range(start, start + (self.slab or 1))
             kspace = [f.kspace(s) for s in indices]
             item: dict[Hashable, Any] = {
                 "filename": path.name,
-                "slice": -1 if slice_index is None else slice_index,
+                "slice": -1 if start is None else start,
                 "padding": f.header.padding,
                 "attrs": f.attrs,
             }
             if f.target_key is not None:
                 targets = [f.target(s) for s in indices]
-                item["target"] = torch.stack(targets) if slice_index is None else targets[0]
+                item["target"] = torch.stack(targets) if stacked else targets[0]
             mask = f.mask()
             if mask is not None:
                 item["mask"] = mask
-        item["kspace"] = torch.stack(kspace) if slice_index is None else kspace[0]
+        item["kspace"] = torch.stack(kspace) if stacked else kspace[0]
         return self.transform(item) if self.transform is not None else item
 
 

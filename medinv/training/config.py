@@ -112,17 +112,26 @@ class ReconstructionData(_Strict):
     center_fractions: list[float] = Field(default_factory=lambda: [0.08, 0.04])
     accelerations: list[int] = Field(default_factory=lambda: [4, 8])
     sensitivities: Literal["acs", "espirit"] = "acs"
+    slab: int = Field(8, ge=1, description="slices per slab of a 3D model (model.dim 3)")
+    slab_stride: int | None = Field(
+        None, ge=1, description="training slabs start this many slices apart; None: slab"
+    )
 
     @model_validator(mode="after")
     def _paired(self) -> ReconstructionData:
         if len(self.center_fractions) != len(self.accelerations):
             raise ValueError("center_fractions and accelerations must pair up one to one")
+        if self.slab_stride is not None and self.slab_stride > self.slab:
+            raise ValueError(
+                f"slab_stride {self.slab_stride} would skip slices between slabs of "
+                f"{self.slab}; use at most data.slab"
+            )
         return self
 
 
 class ReconstructionModel(_Strict):
     kind: Literal["irim", "rim"] = "irim"
-    dim: Literal[2] = 2
+    dim: Literal[2, 3] = Field(2, description="2: slice by slice; 3: slabs of data.slab slices")
     state_channels: int = Field(64, ge=4)
     steps: int = Field(8, ge=1)
     layers_per_step: int = Field(10, ge=1)
@@ -168,6 +177,8 @@ class ReconstructionConfig(_Strict):
                 f"model.dilations has {len(m.dilations)} entries for "
                 f"{m.layers_per_step} layers per step"
             )
+        if m.kind == "rim" and m.dim == 3:
+            raise ValueError("model.dim 3 needs model.kind irim; the RIM is 2D only")
         return self
 
 

@@ -1,4 +1,9 @@
-"""Training loop for i-RIM (and the RIM baseline) on fastMRI-style k-space."""
+"""Training loop for i-RIM (and the RIM baseline) on fastMRI-style k-space.
+
+2D models (``model.dim`` 2) train on slices; 3D i-RIMs on slabs of ``data.slab`` adjacent
+slices (:mod:`medinv.inference.slabs`), with the loss over every slice of a slab and
+validation on volumes put back together from their slabs.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from torch.utils.data import DataLoader, default_collate
 
 from medinv.data.kspace_transforms import KSpaceMaskd, KSpaceSliceDataset
 from medinv.errors import ConfigError
-from medinv.inference.reconstruction import magnitude_crop, prepare
+from medinv.inference.reconstruction import Measurement, magnitude_crop, prepare
+from medinv.inference.slabs import prepare_slabs
 from medinv.metrics.reconstruction import volume_metrics
 from medinv.models import build_model
 from medinv.mri.masks import MaskFunc, create_mask_func
@@ -53,8 +59,10 @@ def slice_dataset(
     fixed_masks: bool,
     accelerations: list[int] | None = None,
     fractions: list[float] | None = None,
+    stride: int | None = None,
 ):
-    """Slices of ``folder`` undersampled on the fly: random masks for training (a stream
+    """Slices of ``folder`` (slabs of ``data.slab`` slices, ``stride`` apart, for a 3D
+    model) undersampled on the fly, one mask per item: random masks for training (a stream
     seeded by ``train.seed``), the file name's fastMRI mask for validation
     (``fixed_masks``)."""
     d = config.data
@@ -64,7 +72,24 @@ def slice_dataset(
         accelerations or d.accelerations,
         seed=config.train.seed,
     )
-    return KSpaceSliceDataset(folder, transform=_Keep(mask_func, fixed_masks))
+    slab = d.slab if config.model.dim == 3 else None
+    return KSpaceSliceDataset(
+        folder, transform=_Keep(mask_func, fixed_masks), slab=slab, stride=stride
+    )
+
+
+def _measure(batch: dict, config: ReconstructionConfig) -> Measurement:
+    """The model's input for a batch of slices ``(B, [C,] H, W)`` or slabs
+    ``(B, S, [C,] H, W)``."""
+    d = config.data
+    build = prepare_slabs if config.model.dim == 3 else prepare
+    return build(
+        batch["kspace"],
+        batch["mask"],
+        int(batch["num_low_frequencies"].min()),
+        d.challenge == "multicoil",
+        d.sensitivities,
+    )
 
 
 def _seed_worker_masks(worker_id: int) -> None:
@@ -76,7 +101,10 @@ def _seed_worker_masks(worker_id: int) -> None:
 
 class ReconstructionLoss(nn.Module):
     """``w_ssim (1 - SSIM) + w_l1 L1`` of magnitudes on the target grid, both divided by the
-    target's peak (MONAI's SSIM, 7x7 window, K1 0.01, K2 0.03 as fastMRI's evaluation)."""
+    target's peak (MONAI's SSIM, 7x7 window, K1 0.01, K2 0.03 as fastMRI's evaluation).
+
+    Slices ``(B, h, w)``; slabs ``(B, S, h, w)`` count as ``B * S`` slices.
+    """
 
     def __init__(self, ssim_weight: float, l1_weight: float):
         super().__init__()
@@ -84,6 +112,7 @@ class ReconstructionLoss(nn.Module):
         self.ssim_weight, self.l1_weight = ssim_weight, l1_weight
 
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
+        prediction, target = prediction.flatten(0, -3), target.flatten(0, -3)
         peak = target.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
         p, t = (prediction / peak).unsqueeze(1), (target / peak).unsqueeze(1)
         return self.ssim_weight * self.ssim(p, t) + self.l1_weight * (p - t).abs().mean()
@@ -93,7 +122,7 @@ def _estimates(model: nn.Module, kind: str, measurement) -> list[Tensor]:
     """The estimates the loss averages over: every time step for the RIM, the last for IRIM."""
     args = (measurement.kspace, measurement.mask, measurement.sensitivities)
     outputs = model(*args, return_all=True) if kind == "rim" else [model(*args)]
-    return [o * measurement.scale.view(-1, 1, 1).to(o.real.dtype) for o in outputs]
+    return [o * measurement.scale.view(-1, *[1] * (o.ndim - 1)).to(o.real.dtype) for o in outputs]
 
 
 def train_reconstruction(
@@ -130,7 +159,7 @@ def train_reconstruction(
         grad_clip=t.grad_clip,
     )
     net = wrap(model, job, device)
-    train_ds = slice_dataset(d.train, config, fixed_masks=False)
+    train_ds = slice_dataset(d.train, config, fixed_masks=False, stride=d.slab_stride)
     generator = torch.Generator().manual_seed(t.seed)
     train_sampler = sampler(train_ds, job, t.seed)
     loader = DataLoader(
@@ -144,7 +173,6 @@ def train_reconstruction(
         worker_init_fn=_seed_worker_masks,
     )
     steps = min(len(loader), t.steps_per_epoch or len(loader))
-    multicoil = d.challenge == "multicoil"
 
     for epoch in range(run.start_epoch, t.epochs):
         model.train()
@@ -155,13 +183,7 @@ def train_reconstruction(
         for step, batch in enumerate(loader):
             if step == steps:
                 break
-            measurement = prepare(
-                batch["kspace"],
-                batch["mask"],
-                int(batch["num_low_frequencies"].min()),
-                multicoil,
-                d.sensitivities,
-            ).to(device)
+            measurement = _measure(batch, config).to(device)
             target = batch["target"].to(device)
             optimizer.zero_grad(set_to_none=True)
             with run.autocast():
@@ -187,7 +209,11 @@ def train_reconstruction(
 @torch.no_grad()
 def validate(model: nn.Module, config: ReconstructionConfig, device: torch.device) -> dict:
     """Mean NMSE, PSNR and SSIM over validation volumes, at each acceleration
-    (``SSIM_4x``, ...) and averaged (``SSIM``, ...); fixed fastMRI masks per file."""
+    (``SSIM_4x``, ...) and averaged (``SSIM``, ...); fixed fastMRI masks per file.
+
+    A 3D model sees each volume in non-overlapping slabs, the last aligned to the end; a
+    slice that two slabs share is scored once, from the first.
+    """
     d = config.data
     model.eval()
     results: dict[str, float] = {}
@@ -196,17 +222,14 @@ def validate(model: nn.Module, config: ReconstructionConfig, device: torch.devic
         dataset = slice_dataset(d.val, config, True, [acceleration], [fraction])
         slices: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
         for item in DataLoader(dataset, batch_size=1):
-            measurement = prepare(
-                item["kspace"],
-                item["mask"],
-                int(item["num_low_frequencies"]),
-                d.challenge == "multicoil",
-                d.sensitivities,
-            ).to(device)
+            measurement = _measure(item, config).to(device)
             target = item["target"][0]
             estimate = _estimates(model, config.model.kind, measurement)[-1]
             image = magnitude_crop(estimate, target.shape[-2:])[0].float().cpu()
-            slices[item["filename"][0]][int(item["slice"])] = (target.numpy(), image.numpy())
+            volume = slices[item["filename"][0]]
+            first = int(item["slice"])
+            for i, pair in enumerate(zip(_slab(target), _slab(image), strict=True)):
+                volume.setdefault(first + i, pair)
         rows = []
         for volume in slices.values():
             order = sorted(volume)
@@ -224,12 +247,17 @@ def validate(model: nn.Module, config: ReconstructionConfig, device: torch.devic
     return results
 
 
+def _slab(images: Tensor) -> np.ndarray:
+    """A slice ``(h, w)`` or slab ``(S, h, w)`` as an array of slices ``(S, h, w)``."""
+    return images.reshape(-1, *images.shape[-2:]).numpy()
+
+
 def _collate(items: list[dict]) -> dict:
     try:
         return default_collate(items)
     except RuntimeError as err:
         shapes = sorted({tuple(i["kspace"].shape) for i in items})
         raise ConfigError(
-            f"slices of different shapes {shapes} (coil counts or matrices) cannot share a "
-            "batch; set train.batch_size to 1"
+            f"slices or slabs of different shapes {shapes} (coil counts or matrices) cannot "
+            "share a batch; set train.batch_size to 1"
         ) from err

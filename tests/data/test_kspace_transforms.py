@@ -19,6 +19,7 @@ from medinv.data.kspace_transforms import (
     NormalizeKSpaced,
     ZeroFilled,
     ZeroFilledd,
+    slab_starts,
 )
 from medinv.errors import InputError
 from medinv.mri import RandomMaskFunc, SenseOperator, birdcage_maps, fft2c, seed_from_name
@@ -65,6 +66,48 @@ def test_volume_mode_stacks_slices(tmp_path: Path) -> None:
     item = dataset[0]
     np.testing.assert_array_equal(item["kspace"].numpy(), kspace)
     assert item["target"].shape == (SLICES, 16, 16) and item["slice"] == -1
+
+
+@pytest.mark.parametrize("num_slices", range(1, 10))
+def test_slab_starts_cover_every_slice_and_end_on_the_last(num_slices: int) -> None:
+    for slab in range(1, num_slices + 1):
+        for stride in range(1, slab + 1):
+            starts = slab_starts(num_slices, slab, stride)
+            assert starts == sorted(set(starts)) and starts[0] == 0
+            assert starts[-1] + slab == num_slices
+            covered = {s + i for s in starts for i in range(slab)}
+            assert covered == set(range(num_slices))
+    assert slab_starts(10, 4) == [0, 4, 6] and slab_starts(8, 4) == [0, 4]
+
+
+@pytest.mark.parametrize(
+    ("num_slices", "slab", "stride", "message"),
+    [(3, 4, None, "3 slices, fewer than a slab of 4"), (8, 4, 5, "stride"), (8, 0, None, "slab")],
+)
+def test_slab_starts_reject_what_cannot_tile(num_slices, slab, stride, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        slab_starts(num_slices, slab, stride)
+
+
+def test_slab_mode_yields_consecutive_slices_with_one_mask(tmp_path: Path) -> None:
+    kspace = _file(tmp_path / "a.h5")
+    masker = KSpaceMaskd("kspace", RandomMaskFunc([0.25], [2], seed=0))
+    dataset = KSpaceSliceDataset([tmp_path / "a.h5"], transform=masker, slab=2)
+    assert [start for _, start in dataset.index] == [0, 1]
+    for start in (0, 1):
+        item = dataset[start]
+        assert item["slice"] == start and item["target"].shape == (2, 16, 16)
+        assert item["mask"].shape == (W,)
+        expected = kspace[start : start + 2] * item["mask"].numpy()
+        np.testing.assert_array_equal(item["kspace"].numpy(), expected)
+
+
+def test_slab_mode_names_a_file_shorter_than_the_slab(tmp_path: Path) -> None:
+    _file(tmp_path / "a.h5")
+    with pytest.raises(InputError, match="a.h5: 3 slices, fewer than a slab of 4"):
+        KSpaceSliceDataset(tmp_path, slab=4)
+    with pytest.raises(ValueError, match="volumes or slabs"):
+        KSpaceSliceDataset(tmp_path, volumes=True, slab=2)
 
 
 def test_dataset_names_a_bad_file(tmp_path: Path) -> None:
