@@ -22,7 +22,7 @@ from medinv.data.transforms import (
     evaluation_transforms,
     invert_to_input_grid,
 )
-from medinv.errors import InputError
+from medinv.errors import ConfigError, InputError
 from medinv.io import write_atomically
 
 from .workloads import model_stride
@@ -89,7 +89,11 @@ def _whole_volume(model: nn.Module, x: Tensor) -> Tensor:
     (MONAI's SegResNet), zero-padded at the end of each axis and cropped back."""
     if any(hasattr(m, "total_stride") for m in model.modules()):
         return model(x)  # iUNets pad (and crop) themselves
-    pads = [-size % k for size, k in zip(x.shape[2:], model_stride(model), strict=True)]
+    try:
+        stride = model_stride(model)
+    except ConfigError:
+        return model(x)  # a model of unknown stride takes the volume as it is
+    pads = [-size % k for size, k in zip(x.shape[2:], stride, strict=True)]
     if not any(pads):
         return model(x)
     padded = torch.nn.functional.pad(x, [p for pad in reversed(pads) for p in (0, pad)])

@@ -119,7 +119,7 @@ def test_whole_volume_pads_for_models_that_need_divisible_sizes():
     from monai.networks.nets import SegResNet
 
     torch.manual_seed(0)
-    model = SegResNet(spatial_dims=3, init_filters=4, in_channels=4, out_channels=3).eval()
+    model = SegResNet(spatial_dims=3, init_filters=8, in_channels=4, out_channels=3).eval()
     image = torch.randn(1, 4, 20, 16, 13)
     out = predict_probabilities(model, image, None)
     padded = torch.nn.functional.pad(image, (0, 3, 0, 0, 0, 4))
