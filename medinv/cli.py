@@ -558,6 +558,9 @@ def reconstruct(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     shard: Annotated[str | None, typer.Option(help=SHARD_HELP)] = None,
     gpu_memory: Annotated[str | None, typer.Option(help=GPU_MEMORY_HELP)] = None,
+    slab_overlap: Annotated[
+        int, typer.Option(help="3D models: slices shared by consecutive slabs (averaged).")
+    ] = 0,
 ) -> None:
     """Reconstruct undersampled MRI with an i-RIM; write fastMRI submission files.
 
@@ -583,7 +586,8 @@ def reconstruct(
     for path in files:
         if not path.is_file():
             raise InputError(f"{path}: no such file")
-    network, _ = load_model(model or bundled_weights(DEFAULT_RECONSTRUCTOR))
+    network, payload = load_model(model or bundled_weights(DEFAULT_RECONSTRUCTOR))
+    slab = int(((payload.get("config") or {}).get("data") or {}).get("slab") or 8)
     torch_device = _torch_device(device)
     network.to(torch_device)
     planner = None
@@ -608,6 +612,8 @@ def reconstruct(
         batch_size=batch_size or (None if planner else 4),
         preview=preview,
         overwrite=overwrite,
+        slab=slab,
+        slab_overlap=slab_overlap,
     )
     rows, failures = _run_cases(
         "reconstruct",

@@ -122,6 +122,9 @@ class ReconstructionSettings:
             the most it may choose.
         preview: also write ``<name>.png`` (zero-filled | model | target | error).
         overwrite: replace existing outputs.
+        slab, slab_overlap: for 3D models, slices per slab (the training ``data.slab``)
+            and slices shared by consecutive slabs (their estimates are averaged);
+            ``batch_size`` then counts slabs.
     """
 
     acceleration: int | None = None
@@ -131,6 +134,8 @@ class ReconstructionSettings:
     batch_size: int | None = 4
     preview: bool = False
     overwrite: bool = False
+    slab: int = 8
+    slab_overlap: int = 0
 
 
 _DEFAULT_FRACTION = {4: 0.08, 8: 0.04}
@@ -183,7 +188,32 @@ def reconstruct_file(
                         progress()
             return torch.cat(outputs), torch.cat(baselines)
 
-        if planner is None:
+        def run_slabs() -> tuple[Tensor, Tensor]:
+            from .slabs import reconstruct_volume_in_slabs
+
+            kspace = torch.stack([f.kspace(i) for i in range(f.num_slices)]) * mask
+            measurement = prepare(kspace, mask, num_low, f.multicoil, settings.sensitivities)
+            images = reconstruct_volume_in_slabs(
+                model,
+                kspace,
+                mask,
+                measurement.sensitivities,
+                slab=settings.slab,
+                overlap=settings.slab_overlap,
+                batch_size=settings.batch_size or 1,
+                device=device,
+            )
+            if progress is not None:
+                for _ in range(f.num_slices):
+                    progress()
+            zero = magnitude_crop(zero_filled(measurement), recon_shape)
+            return magnitude_crop(images, recon_shape).float().cpu(), zero.float().cpu()
+
+        if getattr(model, "dim", 2) == 3:
+            if planner is not None:
+                raise InputError("the memory planner plans 2D reconstructors; omit --gpu-memory")
+            volume, baseline = run_slabs()
+        elif planner is None:
             volume, baseline = run(settings.batch_size or f.num_slices)
         else:
             plan = planner.plan_reconstruction(f.shape, max_batch=settings.batch_size)
