@@ -315,7 +315,7 @@ class Planner:
                 self.retries += 1
                 plan = smaller
         finally:
-            release_memory(self.device)
+            release_memory(self.device, collect=False)
 
     def summary(self) -> str:
         """One line: how many inputs ran with which kind of plan, and the retries."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from medinv.inference.peak import measure_peak
 from medinv.invertible import (
     AdditiveCoupling,
     ChannelSubset,
@@ -353,20 +354,6 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradients():
         assert torch.equal(a, b)
 
 
-def _peak_cpu_bytes(step) -> int:
-    """Peak of live CPU allocations made while ``step`` runs (the profiler's memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_an_unheld_output_is_reused_not_copied():
     """Holding the chain's output forces a copy of it in backward: one state's bytes more."""
     channels, size = 8, 96
@@ -387,4 +374,5 @@ def test_an_unheld_output_is_reused_not_copied():
         model[2](y).square().mean().backward()
 
     unheld(), held()  # allocate gradients and warm up
-    assert _peak_cpu_bytes(held) - _peak_cpu_bytes(unheld) > 0.9 * state_bytes
+    cpu = torch.device("cpu")
+    assert measure_peak(held, cpu) - measure_peak(unheld, cpu) > 0.9 * state_bytes
