@@ -124,10 +124,17 @@ class OrthogonalConv(InvertibleModule):
         with torch.enable_grad():
             w = self.weight()
         w_t = w.detach().mT
-        x = _mix_channels(y, w_t)
-        grad_x = _mix_channels(grad_y, w_t)
-        # dL/dW = sum over batch and positions of grad_y x^T; then through the parametrization.
-        grad_w = torch.einsum("bin,bjn->ij", _flat(grad_y), _flat(x)).to(w.dtype)
+        flat_y, flat_grad = _flat_view(y), _flat_view(grad_y)
+        if flat_y is None or flat_grad is None:
+            x = _mix_channels(y, w_t)
+            grad_x = _mix_channels(grad_y, w_t)
+            # dL/dW = sum over batch and positions of grad_y x^T.
+            grad_w = torch.einsum("bin,bjn->ij", _flat(grad_y), _flat(x)).to(w.dtype)
+        else:
+            # The engine owns y and grad_y: mix them in place, a slab of positions at a
+            # time, so that the state is never held twice.
+            x, grad_x = y, grad_y
+            grad_w = _unmix_in_place(flat_y, flat_grad, w_t).to(w.dtype)
         grads = torch.autograd.grad(w, params, grad_w, allow_unused=True) if params else ()
         return x, grad_x, list(grads)
 
@@ -141,6 +148,34 @@ def _mix_channels(x: Tensor, w: Tensor) -> Tensor:
         raise ValueError(f"expected input of shape (B, {w.shape[1]}, ...), got {tuple(x.shape)}")
     with torch.autocast(x.device.type, enabled=False):
         return (w.to(x.dtype) @ _flat(x)).view(x.shape)
+
+
+def _flat_view(t: Tensor) -> Tensor | None:
+    """``t`` as a ``(B, C, positions)`` view of its own memory, or None where its strides
+    do not allow one."""
+    try:
+        return t.view(t.shape[0], t.shape[1], -1)
+    except RuntimeError:
+        return None
+
+
+def _unmix_in_place(flat_y: Tensor, flat_grad: Tensor, w_t: Tensor, chunks: int = 8) -> Tensor:
+    """In place, ``x = W^T y`` and ``grad_x = W^T grad_y`` (both ``(B, C, N)``), a
+    ``1/chunks`` slab of positions at a time; returns ``dL/dW = sum grad_y x^T``."""
+    n = flat_y.shape[-1]
+    step = max(1, -(-n // chunks))
+    with torch.autocast(flat_y.device.type, enabled=False):
+        w_t = w_t.to(flat_y.dtype)
+        grad_w = flat_y.new_zeros(w_t.shape)
+        for start in range(0, n, step):
+            y_slab = flat_y[..., start : start + step]
+            grad_slab = flat_grad[..., start : start + step]
+            x_slab = w_t @ y_slab
+            grad_w += (grad_slab @ x_slab.mT).sum(0)
+            y_slab.copy_(x_slab)
+            del x_slab
+            grad_slab.copy_(w_t @ grad_slab)
+    return grad_w
 
 
 def _flat(x: Tensor) -> Tensor:

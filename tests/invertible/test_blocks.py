@@ -201,3 +201,32 @@ def test_swapped_coupling_reads_the_second_half_and_updates_the_first():
     y = block(x)
     torch.testing.assert_close(y[:, 1:], x[:, 1:], rtol=0, atol=0)
     assert (y[:, :1] - x[:, :1]).abs().max() > 1e-3
+
+
+def test_orthogonal_backward_in_place_and_copying_agree():
+    """The engine's buffers are mixed in place, slab by slab; a state whose strides allow
+    no (B, C, positions) view is mixed into new tensors. Both give W^T y, W^T grad_y and
+    the same parameter gradient."""
+    from medinv.invertible import OrthogonalConv
+    from medinv.invertible.orthogonal import orthogonal_weight
+
+    torch.manual_seed(0)
+    block = OrthogonalConv(4).double()
+    params = [block.theta]
+    y = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    grad_y = torch.randn_like(y)
+    strided_y = torch.randn(2, 7, 4, 5, dtype=torch.float64).permute(0, 2, 3, 1)
+    strided_grad = torch.randn(2, 7, 4, 5, dtype=torch.float64).permute(0, 2, 3, 1)
+    with pytest.raises(RuntimeError):
+        strided_y.view(2, 4, -1)  # channels last: no such view
+    for state, grad in ((y, grad_y), (strided_y, strided_grad)):
+        w = block.weight().detach()
+        expected_x = torch.einsum("ji,bj...->bi...", w, state)
+        expected_grad = torch.einsum("ji,bj...->bi...", w, grad)
+        x, grad_x, (grad_theta,) = block.backward_pass(state.clone(), grad.clone(), None, params)
+        torch.testing.assert_close(x, expected_x)
+        torch.testing.assert_close(grad_x, expected_grad)
+        theta = block.theta.detach().requires_grad_()
+        mixed = torch.einsum("ij,bj...->bi...", orthogonal_weight(theta, "exp"), expected_x)
+        (expected_theta,) = torch.autograd.grad(mixed, theta, grad)
+        torch.testing.assert_close(grad_theta, expected_theta)
