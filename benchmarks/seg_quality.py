@@ -9,6 +9,8 @@ time per epoch, and the peak memory of inference on one test case.
     medinv data brats-like --out data/brats_like            # the set (train/val/test splits)
     python benchmarks/seg_quality.py --config configs/iunet_brats_like.yaml \\
         --minutes 60 --out benchmarks/results/seg_quality_h100.md
+    python benchmarks/seg_quality.py --config configs/iunet_brats_like_small.yaml \
+        --models iUNet-8 SegResNet-8 --minutes 6 --device cpu   # the CPU-size pair
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from medinv.training.config import load_config  # noqa: E402
 from medinv.training.segmentation import split_cases, train_segmentation  # noqa: E402
 
 MODELS = {
+    "iUNet-8": {"kind": "iunet", "channels": 8},  # CPU-size pair, for the small set
+    "SegResNet-8": {"kind": "segresnet", "channels": 8},
     "iUNet-32": {"kind": "iunet", "channels": 32},
     "iUNet-64": {"kind": "iunet", "channels": 64},
     "SegResNet-16": {"kind": "segresnet", "channels": 16},
@@ -43,7 +47,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS)[2:], choices=list(MODELS), help="GPU set"
+    )
     parser.add_argument("--minutes", type=float, help="training budget per model")
     parser.add_argument("--epochs", type=int, help="override train.epochs")
     parser.add_argument("--work", type=Path, default=Path("runs/seg_quality"))
