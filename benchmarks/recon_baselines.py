@@ -35,6 +35,9 @@ from medinv.mri import acs_sensitivities, center_crop, espirit_maps, ifft2c, rss
 from medinv.mri.io import KSpaceFile, write_reconstruction  # noqa: E402
 
 
+ESPIRIT_MIN_CALIBRATION = 16  # fully sampled centre lines ESPIRiT needs for usable maps
+
+
 def zero_filled(kspace: torch.Tensor, matrix: tuple[int, int]) -> np.ndarray:
     """``|crop(RSS(F^H y))|`` of one slice ``([C,] H, W)``."""
     image = ifft2c(kspace)
@@ -50,10 +53,12 @@ def l1_wavelet(
 
     multicoil = kspace.ndim == 3
     coils = kspace if multicoil else kspace.unsqueeze(0)
-    if multicoil:
+    if multicoil and num_low >= ESPIRIT_MIN_CALIBRATION:
         maps = espirit_maps(coils, calib_width=min(24, num_low)).numpy()
-        if not np.abs(maps).any():  # too narrow a centre for ESPIRiT's support
-            maps = acs_sensitivities(coils, num_low).numpy()
+    elif multicoil:
+        # Too narrow a fully sampled centre for ESPIRiT: its maps come out empty or partial
+        # (with 10 of 128 lines, L1-wavelet scored NMSE 1.29 at 4x on the small set), so use the ACS estimate.
+        maps = acs_sensitivities(coils, num_low).numpy()
     else:
         maps = np.ones(coils.shape, np.complex64)
     app = sigpy.mri.app.L1WaveletRecon(
