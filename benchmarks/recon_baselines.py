@@ -34,7 +34,6 @@ from medinv.metrics.reconstruction import METRICS, evaluate_directories  # noqa:
 from medinv.mri import acs_sensitivities, center_crop, espirit_maps, ifft2c, rss  # noqa: E402
 from medinv.mri.io import KSpaceFile, write_reconstruction  # noqa: E402
 
-
 ESPIRIT_MIN_CALIBRATION = 16  # fully sampled centre lines ESPIRiT needs for usable maps
 
 
@@ -57,7 +56,8 @@ def l1_wavelet(
         maps = espirit_maps(coils, calib_width=min(24, num_low)).numpy()
     elif multicoil:
         # Too narrow a fully sampled centre for ESPIRiT: its maps come out empty or partial
-        # (with 10 of 128 lines, L1-wavelet scored NMSE 1.29 at 4x on the small set), so use the ACS estimate.
+        # (with 10 of 128 lines, L1-wavelet scored NMSE 1.29 at 4x on the small set), so
+        # use the ACS estimate.
         maps = acs_sensitivities(coils, num_low).numpy()
     else:
         maps = np.ones(coils.shape, np.complex64)
