@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import gib, header, publish  # noqa: E402
+from benchmarks.common import gib, header, measure, publish  # noqa: E402
 from medinv.inference.segmentation import SegmentationSettings, segment_case  # noqa: E402
 from medinv.models import build_model  # noqa: E402
 from medinv.training.config import load_config  # noqa: E402
@@ -54,6 +53,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         case = write_case(Path(tmp) / "cases", "BraTSSize_0000", shape=tuple(args.shape))
+        out = Path(tmp) / "out"
         for name in args.models:
             config.model.kind, config.model.channels = MODELS[name]
             model = build_model(config.model.kind, config.model_kwargs()).to(device)
@@ -67,20 +67,13 @@ def main() -> None:
                     )
                     row = {"model": name, "inference": window, "precision": precision}
                     try:
-                        segment_case(model, case, Path(tmp) / "out", settings, device)  # warm-up
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                            torch.cuda.reset_peak_memory_stats(device)
-                        started = time.perf_counter()
-                        segment_case(model, case, Path(tmp) / "out", settings, device)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        peak = (
-                            torch.cuda.max_memory_allocated(device)
-                            if device.type == "cuda"
-                            else None
+                        seconds, peak = measure(
+                            lambda m=model, s=settings: segment_case(m, case, out, s, device),
+                            device,
+                            warmup=1,
+                            repeats=1,
                         )
-                        row.update(peak_GiB=gib(peak), s_per_case=time.perf_counter() - started)
+                        row.update(peak_GiB=gib(peak), s_per_case=seconds)
                     except torch.OutOfMemoryError:
                         row.update(peak_GiB="OOM", s_per_case=float("nan"))
                     finally:
