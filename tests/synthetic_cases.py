@@ -12,6 +12,28 @@ from medinv.errors import ResourceError
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 
+def tiny_segmentation_config(
+    root: Path, cases: int = 3, val_fraction: float = 0.34, epochs: int = 1, **inference
+) -> Path:
+    """``cases`` synthetic 32x32x24 cases in ``root/cases`` and ``root/config.yaml``, a
+    recipe that trains a tiny 3D iUNet on them on 16^3 crops; ``inference`` adds to the
+    config's inference section (e.g. ``overlap=0.25``). Returns the config's path."""
+    import yaml
+
+    for i in range(cases):
+        write_case(root / "cases", f"case{i}", shape=(32, 32, 24), seed=i)
+    config = root / "config.yaml"
+    recipe = {
+        "task": "segment",
+        "data": {"manifest": "cases", "roi_size": [16, 16, 16], "val_fraction": val_fraction},
+        "model": {"channels": 4, "architecture": [1, 1, 1]},
+        "train": {"epochs": epochs, "seed": 0},
+        "inference": {"roi_size": [16, 16, 16], **inference},
+    }
+    config.write_text(yaml.safe_dump(recipe))
+    return config
+
+
 def write_case(root: Path, case_id: str, shape=(40, 36, 28), seed: int = 0, affine=None) -> dict:
     """A skull-stripped ellipsoid 'brain' with a tumour (core 1, oedema 2, enhancing 4).
 

@@ -8,9 +8,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import yaml
 
-from .synthetic_cases import write_case
+from .synthetic_cases import tiny_segmentation_config, write_case
 
 
 def medinv(*args, cwd=None):
@@ -23,21 +22,8 @@ def medinv(*args, cwd=None):
 
 
 def test_train_segment_evaluate(tmp_path):
+    config = tiny_segmentation_config(tmp_path, overlap=0.25)
     cases = tmp_path / "cases"
-    for i in range(3):
-        write_case(cases, f"case{i}", shape=(32, 32, 24), seed=i)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "task": "segment",
-                "data": {"manifest": "cases", "roi_size": [16, 16, 16], "val_fraction": 0.34},
-                "model": {"channels": 4, "architecture": [1, 1, 1]},
-                "train": {"epochs": 1, "seed": 0},
-                "inference": {"roi_size": [16, 16, 16], "overlap": 0.25},
-            }
-        )
-    )
     trained = medinv("train", "segment", "--config", config, "--out", tmp_path / "run")
     assert trained.returncode == 0, trained.stderr
     assert (tmp_path / "run" / "best.pt").is_file()

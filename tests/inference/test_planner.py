@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch import nn
 from typer.testing import CliRunner
 
@@ -25,7 +24,7 @@ from medinv.inference.plans import parse_memory, resolve_budget
 from medinv.inference.segmentation import SegmentationSettings, predict_volume, segment_case
 from medinv.models import IRIM, IUNet
 
-from ..synthetic_cases import tiny_kspace_set, write_case
+from ..synthetic_cases import tiny_kspace_set, tiny_segmentation_config, write_case
 
 CPU = torch.device("cpu")
 SHAPE = (40, 36, 28)
@@ -215,20 +214,7 @@ def test_reconstruct_with_a_memory_budget_batches_slices_without_changing_the_re
 
 
 def test_train_segment_with_a_memory_budget_trains_on_the_planned_crops(tmp_path):
-    for i in range(3):
-        write_case(tmp_path / "cases", f"case{i}", shape=(32, 32, 24), seed=i)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "task": "segment",
-                "data": {"manifest": "cases", "roi_size": [16, 16, 16], "val_fraction": 0.34},
-                "model": {"channels": 4, "architecture": [1, 1, 1]},
-                "train": {"epochs": 1, "seed": 0},
-                "inference": {"roi_size": [16, 16, 16]},
-            }
-        )
-    )
+    config = tiny_segmentation_config(tmp_path)
     run = tmp_path / "run"
     args = ["train", "segment", "--config", str(config), "--out", str(run), "--device", "cpu"]
     result = runner.invoke(cli.app, [*args, "--gpu-memory", "8MiB"])

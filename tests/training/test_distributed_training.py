@@ -7,28 +7,14 @@ import sys
 
 import pandas as pd
 import torch
-import yaml
 
 from medinv.training.checkpoint import read_checkpoint
 
-from ..synthetic_cases import write_case
+from ..synthetic_cases import tiny_segmentation_config
 
 
 def test_torchrun_two_processes_train_segment(tmp_path):
-    for i in range(4):
-        write_case(tmp_path / "cases", f"case{i}", shape=(32, 32, 24), seed=i)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "task": "segment",
-                "data": {"manifest": "cases", "roi_size": [16, 16, 16], "val_fraction": 0.25},
-                "model": {"channels": 4, "architecture": [1, 1, 1]},
-                "train": {"epochs": 2, "seed": 0},
-                "inference": {"roi_size": [16, 16, 16], "overlap": 0.25},
-            }
-        )
-    )
+    config = tiny_segmentation_config(tmp_path, cases=4, val_fraction=0.25, epochs=2, overlap=0.25)
     out = tmp_path / "run"
     command = [
         sys.executable,
