@@ -153,10 +153,7 @@ def train_reconstruction(
         config,
         device,
         resume,
-        t.time_budget_minutes,
         main=job is None or job.is_main,
-        amp=t.amp,
-        grad_clip=t.grad_clip,
     )
     net = wrap(model, job, device)
     train_ds = slice_dataset(d.train, config, fixed_masks=False, stride=d.slab_stride)

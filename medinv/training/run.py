@@ -22,12 +22,13 @@ class TrainingRun:
     Args:
         out_dir: the run folder.
         kind, model_config: how :func:`medinv.models.build_model` rebuilds the model.
-        config: the validated training config (stored in checkpoints).
+        config: the validated training config (stored in checkpoints); from its ``train``
+            section: ``time_budget_minutes`` (stop after the epoch in which this much
+            training time is used), ``amp`` (``"none"``, ``"bf16"`` or ``"fp16"`` with loss
+            scaling, for :meth:`autocast`) and ``grad_clip`` (the gradient norm
+            :meth:`step` clips to).
         resume: continue from ``out_dir/last.pt`` where it exists.
-        time_budget_minutes: stop after the epoch in which this much training time is used.
         main: write files (in a multi-process job only rank 0 does; the others keep count).
-        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` (with loss scaling) for :meth:`autocast`.
-        grad_clip: clip the gradient norm to this in :meth:`step`.
     """
 
     def __init__(
@@ -41,15 +42,13 @@ class TrainingRun:
         config: Any,
         device: torch.device,
         resume: bool = False,
-        time_budget_minutes: float | None = None,
         main: bool = True,
-        amp: str = "none",
-        grad_clip: float | None = None,
     ):
+        train = config.train
         self.out_dir, self.kind, self.model_config = out_dir, kind, model_config
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.config, self.device, self.budget = config, device, time_budget_minutes
-        self.amp, self.grad_clip = _AMP[amp], grad_clip
+        self.config, self.device, self.budget = config, device, train.time_budget_minutes
+        self.amp, self.grad_clip = _AMP[train.amp], train.grad_clip
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp is torch.float16)
         self.history: list[dict[str, Any]] = []
         self.best, self.start_epoch = -float("inf"), 0

@@ -98,10 +98,7 @@ def train_segmentation(
         config,
         device,
         resume,
-        t.time_budget_minutes,
         main=job is None or job.is_main,
-        amp=t.amp,
-        grad_clip=t.grad_clip,
     )
     net = wrap(model, job, device)
 
