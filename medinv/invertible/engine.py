@@ -313,6 +313,8 @@ class _ChainRun:
         ]
         y = y if any(t is y for t, _ in handed_over) else y.clone()
         grad_y = grad_y if any(t is grad_y for t, _ in handed_over) else grad_y.clone()
+        # The state and its gradient around each channel subset the walk is inside: their
+        # first channels wait, set aside, while the walk goes through the inner blocks.
         stack: list[tuple[Tensor, Tensor]] = []
         for k in reversed(range(len(self.program))):
             # Autograd keeps the handed-over tensors referenced until backward returns:
@@ -320,13 +322,15 @@ class _ChainRun:
             handed_over = _release_unviewed(handed_over, (y, grad_y))
             step = self.program[k]
             if isinstance(step, _Restore):
-                stack.append((y[:, : step.keep], grad_y[:, : step.keep]))
+                # Views (not the tensors themselves): each counts as a use of the storage.
+                stack.append((y[:], grad_y[:]))
                 y, grad_y = y[:, step.keep :], grad_y[:, step.keep :]
                 continue
             if isinstance(step, _SetAside):
-                kept, grad_kept = stack.pop()
-                y, grad_y = torch.cat([kept, y], dim=1), torch.cat([grad_kept, grad_y], dim=1)
-                del kept, grad_kept  # views that would keep the outer buffers alive
+                outer, grad_outer = stack.pop()
+                y = _rejoin(outer, step.keep, y)
+                grad_y = _rejoin(grad_outer, step.keep, grad_y)
+                del outer, grad_outer
                 continue
             aliases = {id(p): p.detach().requires_grad_() for _, _, p in self.slots[k]}
             with self._replay(k), _parameters_replaced(self.slots[k], aliases):
@@ -430,6 +434,28 @@ def _release_unviewed(
         else:
             kept.append((t, uses))
     return kept
+
+
+def _rejoin(outer: Tensor, keep: int, inner: Tensor) -> Tensor:
+    """``cat([outer[:, :keep], inner])``, built in ``outer``'s memory where it can be.
+
+    ``outer`` is the engine's buffer the inner walk started from; its channels after
+    ``keep`` are free again (the inner blocks moved on to buffers of their own, or
+    ``inner`` is still exactly those channels). Writing ``inner`` there saves allocating
+    a whole new state and its gradient while the old ones are alive.
+    """
+    target = outer[:, keep:]
+    same_memory = inner.untyped_storage().data_ptr() == outer.untyped_storage().data_ptr()
+    if same_memory and _same_view(inner, target):
+        return outer
+    if same_memory or inner.shape != target.shape or inner.dtype != target.dtype:
+        return torch.cat([outer[:, :keep], inner], dim=1)
+    target.copy_(inner)
+    return outer
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _writable(t: Tensor) -> Tensor:
