@@ -2,7 +2,9 @@
 
 Two parts, both training steps (forward, loss, backward, Adam step) measured as DESIGN.md
 prescribes (peak = min over repeats of CUDA's max_memory_allocated, reset before each step;
-time = synchronised median after warm-up):
+time = synchronised median after warm-up). On the CPU (``--device cpu``, smaller shapes) the
+peaks come from the profiler's allocation events of one more step, plus what the step starts
+with (parameters, gradients, Adam's moments), which is what CUDA's counter would include:
 
 - ``2d``: the iUNet core on (1, 64, 512, 512), 4 downsamplings, delta coupling layers per
   side and scale. medinv memory-efficient and plain, the one-recompute floor (plain step
@@ -39,6 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import gib, header, measure  # noqa: E402
+from medinv.inference.peak import cpu_memory_trace  # noqa: E402
 from medinv.models import InvertibleUNet  # noqa: E402
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -102,7 +105,8 @@ def train_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, pea
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             y = model(x)
-        y.float().square().mean().backward()
+        with torch.profiler.record_function("backward"):
+            y.float().square().mean().backward()
         if peaks is not None and x.is_cuda:
             peaks.append(torch.cuda.max_memory_allocated(x.device))
         optimizer.step()
@@ -115,6 +119,17 @@ def train_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, pea
             model(x)
 
     return step, no_grad_forward
+
+
+def cpu_peaks(step, held: int) -> tuple[int, int]:
+    """Peak bytes of one more step on the CPU, over the step and up to the end of its
+    backward, from the profiler's allocation events (``held``: what the step starts
+    with, as CUDA's peak would count it: parameters, gradients, Adam's moments)."""
+    trace, region_ends = cpu_memory_trace(step)
+    backward_end = region_ends["backward"]
+    over_step = max([0, *(b for _, b in trace)])
+    to_backward_end = max([0, *(b for t, b in trace if t <= backward_end)])
+    return held + over_step, held + to_backward_end
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -131,6 +146,8 @@ def run_variant(name, build, x, dtype, args, device) -> dict:
         step, no_grad_forward = train_step(model, x, dtype, backward_peaks)
         seconds, peak = measure(step, device, args.warmup, args.repeats)
         backward_peak = min(backward_peaks[args.warmup :]) if backward_peaks else None
+        if device.type == "cpu":
+            peak, backward_peak = cpu_peaks(step, state_bytes(model))
         row.update(
             peak_GiB=gib(peak),
             activation_GiB=gib(
@@ -183,7 +200,8 @@ def part_3d(args, device) -> pd.DataFrame:
     x = torch.randn(1, 4, *args.volume, device=device)
     rows = []
     for channels in args.channels:
-        for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        for precision in args.precisions:
+            dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
             group = []
             for name, make in VARIANTS.items():
                 if args.no_peer and name.startswith("iunets"):
@@ -287,6 +305,9 @@ def main() -> None:
     parser.add_argument("--size-2d", type=int, default=512)
     parser.add_argument("--volume", type=int, nargs=3, default=[240, 240, 160])
     parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"]
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)

@@ -30,6 +30,18 @@ def measure_peak(step: Callable[[], object], device: torch.device) -> int:
 
 
 def _cpu_peak(step: Callable[[], object]) -> int:
+    trace, _ = cpu_memory_trace(step)
+    return max([0, *(allocated for _, allocated in trace)])
+
+
+def cpu_memory_trace(step: Callable[[], object]) -> tuple[list[tuple[int, int]], dict[str, int]]:
+    """What ``step()`` allocates on the CPU, from the profiler's allocation and free events.
+
+    Returns ``(trace, region_ends)``: ``trace`` holds ``(time ns, bytes allocated above
+    the start)`` after each event, in time order; ``region_ends`` the end time of each
+    ``torch.profiler.record_function`` region the step ran (the last, by name), so that
+    the peak up to a point of the step can be read off the trace.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -43,12 +55,17 @@ def _cpu_peak(step: Callable[[], object]) -> int:
     results = getattr(profiler.profiler, "kineto_results", None)
     if results is None:
         raise ResourceError("this torch build's profiler does not report CPU memory events")
-    events = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
-    peak = current = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
+    events = list(results.events())
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    trace, allocated = [], 0
+    for time_ns, nbytes in changes:
+        allocated += nbytes
+        trace.append((time_ns, allocated))
+    region_ends: dict[str, int] = {}
+    for e in events:
+        if e.name() != "[memory]":
+            region_ends[e.name()] = max(region_ends.get(e.name(), 0), e.end_ns())
+    return trace, region_ends
 
 
 @contextmanager
