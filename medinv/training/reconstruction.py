@@ -169,17 +169,9 @@ def train_reconstruction(
         collate_fn=_collate,
         worker_init_fn=_seed_worker_masks,
     )
-    steps = min(len(loader), t.steps_per_epoch or len(loader))
-
-    for epoch in range(run.start_epoch, t.epochs):
-        model.train()
-        run.begin_epoch()
-        if train_sampler is not None:
-            train_sampler.set_epoch(epoch)
+    for epoch in run.epochs(train_sampler):
         losses = []
-        for step, batch in enumerate(loader):
-            if step == steps:
-                break
+        for batch in run.batches(loader, epoch, progress):
             measurement = _measure(batch, config).to(device)
             target = batch["target"].to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -191,12 +183,9 @@ def train_reconstruction(
             loss = torch.stack(losses_t).mean()
             run.step(loss)
             losses.append(loss.item())
-            if progress:
-                progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
         scheduler.step()
         row = run.epoch_row(epoch + 1, losses)
-        due = (epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs
-        if d.val is not None and due and run.main:
+        if d.val is not None and run.validation_due(epoch) and run.main:
             row.update(validate(model, config, device))
         if agree(run.end_epoch(row, row.get("SSIM", -row["loss"])), job):
             break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,37 @@ class TrainingRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def begin_epoch(self) -> None:
-        self._started = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+    def epochs(self, sampler: Any = None) -> Iterator[int]:
+        """The epochs still to run (all but those a resumed run has done), each begun:
+        the model in training mode, the epoch's clock and CUDA peak reset and, in a
+        multi-process job, the distributed ``sampler`` reshuffled."""
+        for epoch in range(self.start_epoch, self.config.train.epochs):
+            self.model.train()
+            self._started = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            yield epoch
+
+    def batches(
+        self, loader: Iterable, epoch: int, progress: Callable[[str, int, int], None] | None
+    ) -> Iterator[Any]:
+        """The epoch's batches, at most ``train.steps_per_epoch``; ``progress`` is told
+        after each."""
+        t = self.config.train
+        steps = min(len(loader), t.steps_per_epoch or len(loader))
+        for step, batch in enumerate(loader):
+            if step == steps:
+                break
+            yield batch
+            if progress:
+                progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
+
+    def validation_due(self, epoch: int) -> bool:
+        """Every ``train.val_interval`` epochs, and after the last."""
+        t = self.config.train
+        return (epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs
 
     def epoch_row(self, epoch: int, losses: list[float]) -> dict[str, Any]:
         """The row of a finished training epoch: loss, time and (CUDA) peak memory."""

@@ -125,29 +125,18 @@ def train_segmentation(
     if job is not None and len(val_cases) >= job.world_size:
         val_share = val_cases[job.rank :: job.world_size]
     val_ds = Dataset(_loader_items(val_share), evaluation_transforms(d.spacing, convention))
-    steps = min(len(loader), t.steps_per_epoch or len(loader))
-
-    for epoch in range(run.start_epoch, t.epochs):
-        model.train()
-        run.begin_epoch()
-        if train_sampler is not None:
-            train_sampler.set_epoch(epoch)
+    for epoch in run.epochs(train_sampler):
         losses = []
-        for step, batch in enumerate(loader):
-            if step == steps:
-                break
+        for batch in run.batches(loader, epoch, progress):
             image, label = batch[IMAGE].to(device), batch[LABEL].to(device)
             optimizer.zero_grad(set_to_none=True)
             with run.autocast():
                 loss = loss_fn(net(image).float(), label)
             run.step(loss)
             losses.append(loss.item())
-            if progress:
-                progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
         scheduler.step()
         row = run.epoch_row(epoch + 1, losses)
-        due = (epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs
-        if val_cases and due:
+        if val_cases and run.validation_due(epoch):
             dice = validate(model, val_ds, config, device)
             row.update({f"dice_{r}": v for r, v in zip(REGIONS, dice, strict=True)})
             row["dice_mean"] = sum(dice) / len(dice)
