@@ -25,6 +25,7 @@ from medinv.mri.coils import acs_sensitivities, espirit_maps
 from medinv.mri.fft import center_crop, ifft2c, rss
 from medinv.mri.io import KSpaceFile, write_reconstruction
 from medinv.mri.masks import create_mask_func, seed_from_name
+from medinv.mri.operators import SenseOperator, SingleCoilOperator
 
 if TYPE_CHECKING:
     from .planner import Planner
@@ -68,9 +69,6 @@ def prepare(
 ) -> Measurement:
     """Build the :class:`Measurement` of slices ``(B, [C,] H, W)`` with column mask ``(W,)``
     or ``(B, W)``."""
-    batch, width = masked_kspace.shape[0], masked_kspace.shape[-1]
-    mask = mask.reshape(-1, width).expand(batch, width).to(masked_kspace.real.dtype)
-    mask = mask.reshape(batch, *([1] * (masked_kspace.ndim - 2)), width)
     sens = None
     if multicoil:
         if sensitivities == "espirit":
@@ -78,12 +76,29 @@ def prepare(
         else:
             sens = acs_sensitivities(masked_kspace, num_low_frequencies)
         sens = sens.to(masked_kspace.dtype)
-        zero_filled = (sens.conj() * ifft2c(masked_kspace)).sum(-3)
+    return scaled_measurement(masked_kspace, mask, sens)
+
+
+def scaled_measurement(kspace: Tensor, mask: Tensor, sensitivities: Tensor | None) -> Measurement:
+    """The :class:`Measurement` of slices or slabs, each divided by the peak of its
+    zero-filled image ``A^H y`` (over all its slices, for a slab).
+
+    Args:
+        kspace: masked k-space, complex ``(B, [S,] [C,] H, W)`` in file units (``S``: slab
+            slices, ``C``: coils).
+        mask: real 0/1 column mask ``(W,)`` or ``(B, W)``; becomes ``(B, 1, ..., W)``.
+        sensitivities: complex, the shape of ``kspace`` (multi-coil), or None.
+    """
+    batch, width = kspace.shape[0], kspace.shape[-1]
+    mask = mask.reshape(-1, width).expand(batch, width).to(kspace.real.dtype)
+    mask = mask.reshape(batch, *([1] * (kspace.ndim - 2)), width)
+    if sensitivities is None:
+        operator = SingleCoilOperator(mask)
     else:
-        zero_filled = ifft2c(masked_kspace)
-    scale = zero_filled.abs().flatten(1).amax(1).clamp_min(1e-12)
-    view = (-1, *([1] * (masked_kspace.ndim - 1)))
-    return Measurement(masked_kspace / scale.view(view), mask, sens, scale)
+        operator = SenseOperator(sensitivities, mask)
+    scale = operator.adjoint(kspace).abs().flatten(1).amax(1).clamp_min(1e-12)
+    view = (-1, *([1] * (kspace.ndim - 1)))
+    return Measurement(kspace / scale.view(view), mask, sensitivities, scale)
 
 
 def zero_filled(measurement: Measurement) -> Tensor:

@@ -15,34 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from medinv.data.kspace_transforms import slab_starts
-from medinv.mri.operators import SenseOperator, SingleCoilOperator
 
-from .reconstruction import Measurement, SensitivityMethod, prepare
-
-
-def slab_measurement(kspace: Tensor, mask: Tensor, sensitivities: Tensor | None) -> Measurement:
-    """The :class:`~.reconstruction.Measurement` of slabs, scaled by each slab's peak.
-
-    Args:
-        kspace: masked k-space, complex ``(B, S, H, W)`` single-coil or ``(B, S, C, H, W)``
-            multi-coil, in file units.
-        mask: real 0/1 column mask ``(W,)`` or ``(B, W)``, one per slab.
-        sensitivities: complex ``(B, S, C, H, W)`` (multi-coil) or None.
-
-    Returns:
-        k-space divided by ``scale`` ``(B,)``, the peak of each slab's zero-filled image
-        ``A^H y``; the mask as ``(B, 1, 1, W)`` or ``(B, 1, 1, 1, W)``.
-    """
-    batch, width = kspace.shape[0], kspace.shape[-1]
-    mask = mask.reshape(-1, width).expand(batch, width).to(kspace.real.dtype)
-    mask = mask.reshape(batch, *([1] * (kspace.ndim - 2)), width)
-    if sensitivities is None:
-        operator = SingleCoilOperator(mask)
-    else:
-        operator = SenseOperator(sensitivities, mask)
-    scale = operator.adjoint(kspace).abs().flatten(1).amax(1).clamp_min(1e-12)
-    view = (-1, *([1] * (kspace.ndim - 1)))
-    return Measurement(kspace / scale.view(view), mask, sensitivities, scale)
+from .reconstruction import Measurement, SensitivityMethod, prepare, scaled_measurement
 
 
 def prepare_slabs(
@@ -54,7 +28,8 @@ def prepare_slabs(
 ) -> Measurement:
     """Build the :class:`~.reconstruction.Measurement` of slabs ``(B, S, [C,] H, W)`` with
     column mask ``(W,)`` or ``(B, W)``: sensitivities per slice as
-    :func:`~.reconstruction.prepare` estimates them, then :func:`slab_measurement`."""
+    :func:`~.reconstruction.prepare` estimates them, then one scale per slab
+    (:func:`~.reconstruction.scaled_measurement`)."""
     maps = None
     if multicoil:
         batch, slices, width = *masked_kspace.shape[:2], masked_kspace.shape[-1]
@@ -63,7 +38,7 @@ def prepare_slabs(
             masked_kspace.flatten(0, 1), slice_masks, num_low_frequencies, True, sensitivities
         )
         maps = per_slice.sensitivities.unflatten(0, (batch, slices))
-    return slab_measurement(masked_kspace, mask, maps)
+    return scaled_measurement(masked_kspace, mask, maps)
 
 
 def reconstruct_slabs(model: nn.Module, measurement: Measurement) -> Tensor:
@@ -88,7 +63,8 @@ def reconstruct_volume_in_slabs(
     they stop short (:func:`~medinv.data.kspace_transforms.slab_starts`); a slice that lies
     in several slabs gets the mean of their complex estimates. A volume of fewer than
     ``slab`` slices is one slab. Each slab is scaled by its own peak
-    (:func:`slab_measurement`) and the result returned in the units of ``kspace``. Runs
+    (:func:`~.reconstruction.scaled_measurement`) and the result returned in the units of
+    ``kspace``. Runs
     without gradients, in the model's current mode (call ``model.eval()`` first).
 
     Args:
@@ -129,7 +105,7 @@ def reconstruct_volume_in_slabs(
         if sensitivities is not None:
             maps = torch.stack([sensitivities[s : s + slab] for s in group])
         slabs = torch.stack([kspace[s : s + slab] for s in group])
-        measurement = slab_measurement(slabs, mask, maps).to(device)
+        measurement = scaled_measurement(slabs, mask, maps).to(device)
         with torch.no_grad():
             estimates = reconstruct_slabs(model, measurement).to(total)
         for start, estimate in zip(group, estimates, strict=True):
