@@ -48,7 +48,9 @@ def conv_norm_act(
 
     With its last layer at zero the function is 0, so the coupling layer holding it starts
     as the identity (as in the iUNet paper). ``hidden_channels`` defaults to
-    ``max(in_channels, out_channels)``.
+    ``max(in_channels, out_channels)``. The activation overwrites the normalisation's
+    output (no normalisation layer reads its own output in backward), so a training step
+    keeps two hidden-sized tensors for backward, not three.
     """
     if dim not in _CONV:
         raise ValueError(f"dim must be 1, 2 or 3, got {dim}")
@@ -60,6 +62,6 @@ def conv_norm_act(
     return nn.Sequential(
         conv(in_channels, hidden, kernel_size, padding=kernel_size // 2),
         normalization(norm, hidden, dim),
-        nn.LeakyReLU(0.1),
+        nn.LeakyReLU(0.1, inplace=True),
         last,
     )
