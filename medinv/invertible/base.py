@@ -32,6 +32,14 @@ class InvertibleModule(nn.Module):
         """``(f(x), log|det df/dx|)``; the log-det has shape ``(B,)``."""
         return self(x), zero_log_det(x)
 
+    def forward_in_place(self, x: Tensor) -> Tensor | None:
+        """``forward(x)`` written into ``x``'s memory, or None where the block cannot.
+
+        The engine calls it without a graph, on states the chain made itself, for
+        volume-preserving blocks only (their log-det is 0). The default declines.
+        """
+        return None
+
     def log_det(self, x: Tensor) -> Tensor:
         """``log|det df/dx|`` per sample, shape ``(B,)`` (0 for volume-preserving blocks)."""
         return self.forward_and_log_det(x)[1]

@@ -61,6 +61,13 @@ class AdditiveCoupling(InvertibleModule):
         y1 = x1 if self.g is None else x1 + self.g(y2)
         return self._join(y1, y2)
 
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        x1, x2 = self._halves(x)
+        x2.add_(self.f(x1))
+        if self.g is not None:
+            x1.add_(self.g(x2))
+        return x
+
     def inverse(self, y: Tensor) -> Tensor:
         y1, y2 = self._halves(y)
         x1 = y1 if self.g is None else y1 - self.g(y2)

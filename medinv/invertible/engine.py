@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .base import InvertibleModule, chain_context, using_context
+from .base import InvertibleModule, chain_context, using_context, zero_log_det
 from .memory import storage_uses as _storage_uses
 
 
@@ -87,14 +87,21 @@ class InvertibleSequential(InvertibleModule):
             program.extend(_flatten(block))
         return program
 
-    def forward(self, x: Tensor, context: Any = None) -> Tensor:
-        """``context``: data the blocks read with :func:`chain_context` (e.g. measurements)."""
-        with using_context(context):
-            return self._run(x, with_log_det=False)
+    def forward(self, x: Tensor, context: Any = None, overwrite_input: bool = False) -> Tensor:
+        """``context``: data the blocks read with :func:`chain_context` (e.g. measurements).
 
-    def forward_and_log_det(self, x: Tensor, context: Any = None) -> tuple[Tensor, Tensor]:
+        ``overwrite_input``: without a graph the chain updates its own states in place;
+        with this set it may start in ``x``'s memory too (for an input nobody reads
+        again, such as a projection's output), which saves a copy of the state.
+        """
         with using_context(context):
-            return self._run(x, with_log_det=True)
+            return self._run(x, with_log_det=False, overwrite_input=overwrite_input)
+
+    def forward_and_log_det(
+        self, x: Tensor, context: Any = None, overwrite_input: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        with using_context(context):
+            return self._run(x, with_log_det=True, overwrite_input=overwrite_input)
 
     def inverse(self, y: Tensor, context: Any = None) -> Tensor:
         with using_context(context):
@@ -102,9 +109,11 @@ class InvertibleSequential(InvertibleModule):
                 y = block.inverse(y)
             return y
 
-    def _run(self, x: Tensor, with_log_det: bool):
+    def _run(self, x: Tensor, with_log_det: bool, overwrite_input: bool = False):
         program = self._program()
-        if not (self.memory_efficient and torch.is_grad_enabled() and program):
+        if not torch.is_grad_enabled():
+            return _forward_program(program, x, with_log_det, overwrite_input)
+        if not (self.memory_efficient and program):
             return _forward_program(program, x, with_log_det)
         states = [_block_state(s) if isinstance(s, InvertibleModule) else ([], []) for s in program]
         slots = [slot for slot, _ in states]
@@ -216,24 +225,49 @@ def _parameters_replaced(slots: list[_Slot], aliases: dict[int, Tensor]) -> Iter
 
 
 def _forward_step(
-    step: _Step, x: Tensor, stack: list[Tensor], with_log_det: bool
+    step: _Step, x: Tensor, stack: list[Tensor], with_log_det: bool, caller: int
 ) -> tuple[Tensor, Tensor | None]:
-    """Run one program step; returns the new state and the step's log-det (or None)."""
+    """Run one program step; returns the new state and the step's log-det (or None).
+
+    Without a graph, a state the chain made itself (not in the memory of the caller's
+    input, whose storage is ``caller``; -1 where the caller gave its input up) is updated
+    in place where the step can: couplings add to it, orthogonal layers mix it, and a skip
+    connection is rejoined in the buffer it left.
+    """
+    in_place = not torch.is_grad_enabled() and x.untyped_storage().data_ptr() != caller
     if isinstance(step, _SetAside):
-        stack.append(x[:, : step.keep])
+        stack.append(x)
         return x[:, step.keep :], None
     if isinstance(step, _Restore):
-        return torch.cat([stack.pop(), x], dim=1), None
+        outer = stack.pop()
+        if in_place and outer.untyped_storage().data_ptr() != caller:
+            return _rejoin(outer, step.keep, x), None
+        return torch.cat([outer[:, : step.keep], x], dim=1), None
+    if in_place and not _has_hooks(step) and (y := step.forward_in_place(x)) is not None:
+        return y, (zero_log_det(y) if with_log_det else None)
     if with_log_det:
         return step.forward_and_log_det(x)
     return step(x), None
 
 
-def _forward_program(program: list[_Step], x: Tensor, with_log_det: bool):
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (which ``forward_in_place`` skips)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def _forward_program(
+    program: list[_Step], x: Tensor, with_log_det: bool, overwrite_input: bool = False
+):
+    caller = -1 if overwrite_input else x.untyped_storage().data_ptr()
     stack: list[Tensor] = []
     total = None
     for step in program:
-        x, log_det = _forward_step(step, x, stack, with_log_det)
+        x, log_det = _forward_step(step, x, stack, with_log_det, caller)
         if log_det is not None:
             total = log_det if total is None else total + log_det
     if not with_log_det:
@@ -279,13 +313,14 @@ class _ChainRun:
     def forward(self, x: Tensor):
         self.autocast = _AutocastState.capture(x.device.type)
         self.cuda_device = x.device.index if x.is_cuda else None
+        caller = x.untyped_storage().data_ptr()
         stack: list[Tensor] = []
         total = None
         for step in self.program:
             self.input_dtypes.append(x.dtype)
             if self.preserve_rng_state:
                 self.rng_states.append((torch.get_rng_state(), self._get_cuda_rng_state()))
-            x, log_det = _forward_step(step, x, stack, self.with_log_det)
+            x, log_det = _forward_step(step, x, stack, self.with_log_det, caller)
             if log_det is not None:
                 total = log_det if total is None else total + log_det
         # Data-dependent initialisation may legitimately write parameters during forward.

@@ -118,6 +118,13 @@ class OrthogonalConv(InvertibleModule):
     def inverse(self, y: Tensor) -> Tensor:
         return _mix_channels(y, self.weight().mT)
 
+    def forward_in_place(self, x: Tensor) -> Tensor | None:
+        flat = _flat_view(x)
+        if flat is None:
+            return None
+        _mix_in_place(flat, self.weight())
+        return x
+
     def backward_pass(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
@@ -157,6 +164,18 @@ def _flat_view(t: Tensor) -> Tensor | None:
         return t.view(t.shape[0], t.shape[1], -1)
     except RuntimeError:
         return None
+
+
+def _mix_in_place(flat: Tensor, w: Tensor, chunks: int = 8) -> None:
+    """``flat = W flat`` in place for ``flat`` of shape ``(B, C, N)``, a ``1/chunks`` slab
+    of positions at a time."""
+    n = flat.shape[-1]
+    step = max(1, -(-n // chunks))
+    with torch.autocast(flat.device.type, enabled=False):
+        w = w.to(flat.dtype)
+        for start in range(0, n, step):
+            slab = flat[..., start : start + step]
+            slab.copy_(w @ slab)
 
 
 def _unmix_in_place(flat_y: Tensor, flat_grad: Tensor, w_t: Tensor, chunks: int = 8) -> Tensor:

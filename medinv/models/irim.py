@@ -25,7 +25,7 @@ from medinv.invertible import (
     chain_context,
 )
 from medinv.invertible.base import ParamGrads
-from medinv.invertible.orthogonal import _flat, _mix_channels
+from medinv.invertible.orthogonal import _flat, _flat_view, _mix_channels, _mix_in_place
 from medinv.mri.operators import SenseOperator, SingleCoilOperator
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -166,6 +166,13 @@ class TransposedOrthogonalConv(InvertibleModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv.inverse(x)
+
+    def forward_in_place(self, x: Tensor) -> Tensor | None:
+        flat = _flat_view(x)
+        if flat is None:
+            return None
+        _mix_in_place(flat, self.conv.weight().mT)
+        return x
 
     def inverse(self, y: Tensor) -> Tensor:
         return self.conv(y)
@@ -310,7 +317,8 @@ class IRIM(nn.Module):
     ) -> Tensor:
         """The state after the last time step, ``(B, state_channels, *spatial)``."""
         data = self.measurements(kspace, mask, sensitivities)
-        return self.network(self._initial_state(data), context=data)
+        # The initial state is the network's own: it may work in its memory.
+        return self.network(self._initial_state(data), context=data, overwrite_input=True)
 
     def inverse_state(
         self, final_state: Tensor, kspace: Tensor, mask: Tensor, sensitivities: Tensor | None = None

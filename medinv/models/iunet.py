@@ -206,12 +206,15 @@ class InvertibleUNet(InvertibleModule):
         y, log_det = self.net.forward_and_log_det(F.pad(x, widths, mode=self.padding_mode))
         return _crop(y, widths), log_det
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, overwrite_input: bool = False) -> Tensor:
+        """``overwrite_input``: without a graph, the network may work in ``x``'s memory
+        (see :meth:`InvertibleSequential.forward`); a padded input is its own anyway."""
         self._check(x)
         widths = self._padding(x.shape[2:])
         if not any(widths):
-            return self.net(x)
-        return _crop(self.net(F.pad(x, widths, mode=self.padding_mode)), widths)
+            return self.net(x, overwrite_input=overwrite_input)
+        padded = F.pad(x, widths, mode=self.padding_mode)
+        return _crop(self.net(padded, overwrite_input=True), widths)
 
     def inverse(self, y: Tensor) -> Tensor:
         self._check(y)
@@ -288,7 +291,8 @@ class IUNet(nn.Module):
         return self.core.total_stride
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.project_out(self.core(self.project_in(x)))
+        # The core may work in the memory of the projection's output (no copy in inference).
+        return self.project_out(self.core(self.project_in(x), overwrite_input=True))
 
     def summary(self, spatial_shape: Sequence[int] | None = None) -> str:
         return (

@@ -401,3 +401,47 @@ def test_skip_connection_is_rejoined_in_place_in_backward():
     # quarter's state and gradient and a resampling layer's temporaries (2.26 states
     # measured); concatenating the skip back allocates a new state and gradient (3.5).
     assert peak < 2.75 * state_bytes
+
+
+@pytest.mark.parametrize("make_chain", ["mixed", "u_shaped"])
+def test_no_grad_forward_in_place_matches_and_leaves_the_input(make_chain):
+    """Without a graph the chain updates the states it made in place; the result equals
+    the out-of-place forward (run with a graph) and the caller's input is untouched."""
+    chain = (mixed_chain(16, True).double() if make_chain == "mixed" else _u_shaped(True)).eval()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    before = x.clone()
+    with torch.no_grad():
+        y, log_det = chain.forward_and_log_det(x)
+    with torch.enable_grad():
+        y_ref, log_det_ref = chain.forward_and_log_det(x.requires_grad_())
+    assert torch.equal(x.detach(), before)
+    assert_close64(y, y_ref.detach())
+    assert_close64(log_det, log_det_ref.detach())
+
+
+def test_hooked_blocks_run_through_their_call():
+    chain = additive_chain(3, True).eval()
+    seen = []
+    chain[1].register_forward_hook(lambda module, args, out: seen.append(out.clone()))
+    with torch.no_grad():
+        y = chain(torch.randn(1, 4, 8, 8))
+    assert len(seen) == 1
+    with torch.no_grad():
+        assert torch.equal(chain[2](seen[0]), y)
+
+
+def test_no_grad_forward_keeps_one_state_not_three():
+    """Out of place, each coupling holds its input, the function's output, the updated
+    half and the joined result (3 states); in place, the state and the function's output
+    (1.5). An elementwise function keeps convolution workspaces out of the count."""
+    channels, size = 8, 128
+    chain = InvertibleSequential(*(AdditiveCoupling(nn.Tanh(), swap=i % 2 == 1) for i in range(4)))
+    x = torch.randn(1, channels, size, size)
+    state_bytes = x.numel() * x.element_size()
+
+    def forward():
+        with torch.no_grad():
+            chain(x)
+
+    forward()
+    assert measure_peak(forward, torch.device("cpu")) < 2 * state_bytes

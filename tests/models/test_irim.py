@@ -247,3 +247,19 @@ def test_inconsistent_inputs_are_reported():
         model(kspace.real, mask, sensitivities)
     with pytest.raises(ValueError, match=r"\(B, S, H, W\)"):
         _model(dim=3)(kspace[:, 0], mask[:, 0])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_inference_in_place_matches_the_forward_with_a_graph(case):
+    """Without a graph the network works in its state's memory; the estimate must not
+    change, nor may the measured k-space."""
+    spec = CASES[case]
+    model = _perturb(_model(dim=spec["dim"])).eval()
+    kspace, mask, sensitivities = _data(spec["dim"], spec["coils"], spec["shape"])
+    before = kspace.clone()
+    with torch.no_grad():
+        estimate = model(kspace, mask, sensitivities)
+    with torch.enable_grad():
+        reference = model(kspace, mask, sensitivities)
+    assert torch.equal(kspace, before)
+    torch.testing.assert_close(estimate, reference.detach(), rtol=1e-10, atol=1e-12)

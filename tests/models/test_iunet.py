@@ -154,3 +154,19 @@ def test_invalid_configurations_are_reported():
         InvertibleUNet(8, dim=2, architecture=(1, 1, 1), strides=[2])
     with pytest.raises(ValueError, match="expected input of shape"):
         _core(2, (1, 1))(torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 8), (7, 9, 8)])
+def test_segmenter_inference_in_place_matches_the_forward_with_a_graph(shape):
+    """Without a graph the core works in the memory of the projection's output (and of the
+    padded input); the logits must not change, nor may the input."""
+    torch.manual_seed(0)
+    model = _perturb(IUNet(4, 3, channels=8, dim=3, architecture=(1, 1, 1))).double().eval()
+    x = torch.randn(2, 4, *shape, dtype=torch.float64)
+    before = x.clone()
+    with torch.no_grad():
+        logits = model(x)
+    with torch.enable_grad():
+        reference = model(x)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(logits, reference.detach(), rtol=1e-10, atol=1e-12)
