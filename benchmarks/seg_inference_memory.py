@@ -5,7 +5,9 @@ then segments it with each model through the same code path as the CLI
 (:func:`medinv.inference.segmentation.segment_case`: MONAI preprocessing, inference,
 inversion to the input grid, NIfTI output), whole-volume and with a sliding window, in fp32
 and under bf16 autocast. Weights are the untrained initialisation: memory and time do not
-depend on them. Reported: CUDA peak allocated during the case and seconds per case.
+depend on them. Reported: CUDA peak allocated during the case and seconds per case; on
+the CPU (``--device cpu``, smaller shapes) the profiler's peak of one more case plus the
+model's parameters and buffers, which CUDA's counter would include.
 
     python benchmarks/seg_inference_memory.py --out benchmarks/results/seg_inference_memory_h100.md
 """
@@ -23,6 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import gib, header, measure, publish  # noqa: E402
+from medinv.inference.memory_model import resident_bytes  # noqa: E402
+from medinv.inference.peak import measure_peak  # noqa: E402
 from medinv.inference.segmentation import SegmentationSettings, segment_case  # noqa: E402
 from medinv.models import build_model  # noqa: E402
 from medinv.training.config import load_config  # noqa: E402
@@ -45,6 +49,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
     parser.add_argument("--roi", type=int, nargs=3, default=[128, 128, 128])
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"]
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the table (markdown) here")
     args = parser.parse_args()
@@ -58,7 +65,8 @@ def main() -> None:
             config.model.kind, config.model.channels = MODELS[name]
             model = build_model(config.model.kind, config.model_kwargs()).to(device)
             for window in ("whole volume", f"ROI {'x'.join(map(str, args.roi))}"):
-                for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                for precision in args.precisions:
+                    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
                     settings = SegmentationSettings(
                         roi_size=None if window == "whole volume" else tuple(args.roi),
                         overlap=0.5,
@@ -67,12 +75,13 @@ def main() -> None:
                     )
                     row = {"model": name, "inference": window, "precision": precision}
                     try:
-                        seconds, peak = measure(
-                            lambda m=model, s=settings: segment_case(m, case, out, s, device),
-                            device,
-                            warmup=1,
-                            repeats=1,
-                        )
+
+                        def run(m=model, s=settings):
+                            segment_case(m, case, out, s, device)
+
+                        seconds, peak = measure(run, device, warmup=1, repeats=1)
+                        if device.type == "cpu":
+                            peak = resident_bytes(model, "inference") + measure_peak(run, device)
                         row.update(peak_GiB=gib(peak), s_per_case=seconds)
                     except torch.OutOfMemoryError:
                         row.update(peak_GiB="OOM", s_per_case=float("nan"))
