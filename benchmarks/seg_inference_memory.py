@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs/iunet_brats_like.yaml")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
+    parser.add_argument("--windows", nargs="+", default=["whole", "roi"], choices=["whole", "roi"])
     parser.add_argument("--roi", type=int, nargs=3, default=[128, 128, 128])
     parser.add_argument(
         "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"]
@@ -64,7 +65,8 @@ def main() -> None:
         for name in args.models:
             config.model.kind, config.model.channels = MODELS[name]
             model = build_model(config.model.kind, config.model_kwargs()).to(device)
-            for window in ("whole volume", f"ROI {'x'.join(map(str, args.roi))}"):
+            windows = {"whole": "whole volume", "roi": f"ROI {'x'.join(map(str, args.roi))}"}
+            for window in (windows[w] for w in args.windows):
                 for precision in args.precisions:
                     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
                     settings = SegmentationSettings(
