@@ -119,11 +119,7 @@ class OrthogonalConv(InvertibleModule):
         return _mix_channels(y, self.weight().mT)
 
     def forward_in_place(self, x: Tensor) -> Tensor | None:
-        flat = _flat_view(x)
-        if flat is None:
-            return None
-        _mix_in_place(flat, self.weight())
-        return x
+        return _mix_in_place(x, self.weight())
 
     def backward_pass(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
@@ -166,9 +162,12 @@ def _flat_view(t: Tensor) -> Tensor | None:
         return None
 
 
-def _mix_in_place(flat: Tensor, w: Tensor, chunks: int = 8) -> None:
-    """``flat = W flat`` in place for ``flat`` of shape ``(B, C, N)``, a ``1/chunks`` slab
-    of positions at a time."""
+def _mix_in_place(x: Tensor, w: Tensor, chunks: int = 8) -> Tensor | None:
+    """``x`` mixed by ``W`` (as :func:`_mix_channels`) in its own memory, a ``1/chunks``
+    slab of positions at a time; None (``x`` untouched) where its strides do not allow."""
+    flat = _flat_view(x)
+    if flat is None:
+        return None
     n = flat.shape[-1]
     step = max(1, -(-n // chunks))
     with torch.autocast(flat.device.type, enabled=False):
@@ -176,6 +175,7 @@ def _mix_in_place(flat: Tensor, w: Tensor, chunks: int = 8) -> None:
         for start in range(0, n, step):
             slab = flat[..., start : start + step]
             slab.copy_(w @ slab)
+    return x
 
 
 def _unmix_in_place(flat_y: Tensor, flat_grad: Tensor, w_t: Tensor, chunks: int = 8) -> Tensor:

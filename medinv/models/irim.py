@@ -25,7 +25,7 @@ from medinv.invertible import (
     chain_context,
 )
 from medinv.invertible.base import ParamGrads
-from medinv.invertible.orthogonal import _flat, _flat_view, _mix_channels, _mix_in_place
+from medinv.invertible.orthogonal import _flat, _mix_channels, _mix_in_place
 from medinv.mri.operators import SenseOperator, SingleCoilOperator
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -168,11 +168,7 @@ class TransposedOrthogonalConv(InvertibleModule):
         return self.conv.inverse(x)
 
     def forward_in_place(self, x: Tensor) -> Tensor | None:
-        flat = _flat_view(x)
-        if flat is None:
-            return None
-        _mix_in_place(flat, self.conv.weight().mT)
-        return x
+        return _mix_in_place(x, self.conv.weight().mT)
 
     def inverse(self, y: Tensor) -> Tensor:
         return self.conv(y)
