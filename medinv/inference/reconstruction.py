@@ -71,12 +71,19 @@ def prepare(
     or ``(B, W)``."""
     sens = None
     if multicoil:
-        if sensitivities == "espirit":
-            sens = torch.stack([espirit_maps(k) for k in masked_kspace])
-        else:
-            sens = acs_sensitivities(masked_kspace, num_low_frequencies)
-        sens = sens.to(masked_kspace.dtype)
+        sens = coil_sensitivities(masked_kspace, num_low_frequencies, sensitivities)
     return scaled_measurement(masked_kspace, mask, sens)
+
+
+def coil_sensitivities(
+    masked_kspace: Tensor, num_low_frequencies: int, method: SensitivityMethod = "acs"
+) -> Tensor:
+    """Coil maps ``(B, C, H, W)`` of slices ``(B, C, H, W)``, each estimated on its own."""
+    if method == "espirit":
+        maps = torch.stack([espirit_maps(k) for k in masked_kspace])
+    else:
+        maps = acs_sensitivities(masked_kspace, num_low_frequencies)
+    return maps.to(masked_kspace.dtype)
 
 
 def scaled_measurement(kspace: Tensor, mask: Tensor, sensitivities: Tensor | None) -> Measurement:

@@ -16,7 +16,12 @@ from torch import Tensor, nn
 
 from medinv.data.kspace_transforms import slab_starts
 
-from .reconstruction import Measurement, SensitivityMethod, prepare, scaled_measurement
+from .reconstruction import (
+    Measurement,
+    SensitivityMethod,
+    coil_sensitivities,
+    scaled_measurement,
+)
 
 
 def prepare_slabs(
@@ -27,17 +32,15 @@ def prepare_slabs(
     sensitivities: SensitivityMethod = "acs",
 ) -> Measurement:
     """Build the :class:`~.reconstruction.Measurement` of slabs ``(B, S, [C,] H, W)`` with
-    column mask ``(W,)`` or ``(B, W)``: sensitivities per slice as
-    :func:`~.reconstruction.prepare` estimates them, then one scale per slab
+    column mask ``(W,)`` or ``(B, W)``: sensitivities per slice as for 2D models
+    (:func:`~.reconstruction.coil_sensitivities`), then one scale per slab
     (:func:`~.reconstruction.scaled_measurement`)."""
     maps = None
     if multicoil:
-        batch, slices, width = *masked_kspace.shape[:2], masked_kspace.shape[-1]
-        slice_masks = mask.reshape(-1, width).expand(batch, width).repeat_interleave(slices, 0)
-        per_slice = prepare(
-            masked_kspace.flatten(0, 1), slice_masks, num_low_frequencies, True, sensitivities
-        )
-        maps = per_slice.sensitivities.unflatten(0, (batch, slices))
+        batch, slices = masked_kspace.shape[:2]
+        per_slice = masked_kspace.flatten(0, 1)
+        maps = coil_sensitivities(per_slice, num_low_frequencies, sensitivities)
+        maps = maps.unflatten(0, (batch, slices))
     return scaled_measurement(masked_kspace, mask, maps)
 
 
