@@ -41,6 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import gib, header, measure  # noqa: E402
+from medinv.inference.memory_model import PRECISIONS  # noqa: E402
 from medinv.inference.peak import cpu_memory_trace  # noqa: E402
 from medinv.models import InvertibleUNet  # noqa: E402
 
@@ -201,7 +202,7 @@ def part_3d(args, device) -> pd.DataFrame:
     rows = []
     for channels in args.channels:
         for precision in args.precisions:
-            dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+            dtype = PRECISIONS[precision]
             group = []
             for name, make in VARIANTS.items():
                 if args.no_peer and name.startswith("iunets"):

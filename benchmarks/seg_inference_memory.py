@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import gib, header, measure, publish  # noqa: E402
-from medinv.inference.memory_model import resident_bytes  # noqa: E402
+from medinv.inference.memory_model import PRECISIONS, resident_bytes  # noqa: E402
 from medinv.inference.peak import measure_peak  # noqa: E402
 from medinv.inference.segmentation import SegmentationSettings, segment_case  # noqa: E402
 from medinv.models import build_model  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> None:
             windows = {"whole": "whole volume", "roi": f"ROI {'x'.join(map(str, args.roi))}"}
             for window in (windows[w] for w in args.windows):
                 for precision in args.precisions:
-                    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+                    dtype = PRECISIONS[precision]
                     settings = SegmentationSettings(
                         roi_size=None if window == "whole volume" else tuple(args.roi),
                         overlap=0.5,
