@@ -11,8 +11,11 @@ shuffle of
   inference as ``medinv segment`` runs it.
 
 Each case runs with the planner (``--gpu-memory``: the plan, predicted against measured
-peak, time, out-of-memory retries) and then naively (all slices in one batch; the whole
-volume in fp32), where running out of memory is recorded. Weights are the untrained
+peak, time, out-of-memory retries), then naively (all slices in one batch; the whole
+volume in fp32), and then with each fixed plan a user might choose by hand (``FIXED_PLANS``:
+slice batches of a set size; sliding windows of a set size); running out of memory is
+recorded. The summary sets the planner's throughput per model against the best fixed plan
+that completes every case of the budget. Weights are the untrained
 initialisation: memory and time do not depend on them. The measured peak of a case is CUDA's
 ``max_memory_allocated`` during it, less what was allocated before, plus the model's own
 weights (what the planner predicts); "of budget" is the process's whole peak over the budget.
@@ -30,6 +33,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -55,6 +59,16 @@ from medinv.training.config import load_config  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOLUMES = [(128, 128, 128), (240, 240, 160), (256, 256, 256), (512, 512, 200)]
 SMOKE_VOLUMES = [(32, 32, 32), (48, 48, 32), (64, 64, 64), (96, 80, 40)]
+# Plans chosen by hand, the same for every case: i-RIM slices per batch, iUNet window size
+# (one window per call, stitched on the device, fp32).
+FIXED_PLANS = {"i-RIM": [8, 24], "iUNet": [(128, 128, 128), (192, 192, 192)]}
+SMOKE_FIXED_PLANS = {"i-RIM": [2, 4], "iUNet": [(16, 16, 16), (32, 32, 32)]}
+
+
+def fixed_plan_name(model: str, plan) -> str:
+    if model == "i-RIM":
+        return f"fixed {plan} slices"
+    return f"fixed window {'x'.join(map(str, plan))}"
 
 
 @dataclass(frozen=True)
@@ -237,6 +251,51 @@ def run_naive(case: Case, model, inputs: Inputs, device) -> dict:
     return {"naive GiB": gib(peak + resident_bytes(model, "inference")), "naive seconds": seconds}
 
 
+def run_fixed(case: Case, model, inputs: Inputs, device, overlap: float, fixed) -> dict:
+    """Seconds of the case with every fixed plan of its model, or "OOM"."""
+    row = {}
+    for plan in fixed[case.model]:
+        if case.model == "i-RIM":
+            run = partial(reconstruct_volume, model, inputs, case.shape, plan, device)
+        else:
+            settings = SegmentationSettings(roi_size=plan, overlap=overlap)
+            run = partial(segment_volume, model, inputs.volume(case.shape), settings, device)
+        try:
+            row[fixed_plan_name(case.model, plan) + " s"] = measured(run, device)[1]
+        except torch.OutOfMemoryError:
+            row[fixed_plan_name(case.model, plan) + " s"] = "OOM"
+        finally:
+            release_memory(device)
+    return row
+
+
+def throughput_table(table: pd.DataFrame, fixed) -> pd.DataFrame:
+    """Per budget, model and plan (the planner's, then each fixed one): the seconds over
+    all the model's cases, the cases that ran out of memory, and the planner's throughput
+    relative to that plan (where both complete every case)."""
+    rows = []
+    for (budget, model), group in table.groupby(["budget", "model"], sort=False):
+        planner = group["seconds"].sum() if (group["status"] == "done").all() else None
+        rows.append(
+            {"budget": budget, "model": model, "plan": "planner", "cases": len(group)}
+            | {"OOM": int((group["status"] != "done").sum()), "seconds": planner}
+        )
+        for plan in fixed[model]:
+            column = group[fixed_plan_name(model, plan) + " s"]
+            failed = int((column == "OOM").sum())
+            seconds = None if failed else column.astype(float).sum()
+            rows.append(
+                {"budget": budget, "model": model, "plan": fixed_plan_name(model, plan)}
+                | {"cases": len(group), "OOM": failed, "seconds": seconds}
+                | {
+                    "planner throughput / plan's": seconds / planner
+                    if seconds and planner
+                    else None
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -246,6 +305,7 @@ def main() -> None:
     parser.add_argument("--iunet-cases", type=int, default=6)
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-fixed", action="store_true", help="skip the fixed plans")
     parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes and budgets")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the table (markdown) here")
@@ -260,6 +320,7 @@ def main() -> None:
     models = build_models(args, device)
     weights = {name: resident_bytes(m, "inference") for name, m in models.items()}
     cases, inputs, rows, calibration_seconds = draw_cases(args), Inputs(args.seed), [], 0.0
+    fixed = SMOKE_FIXED_PLANS if args.smoke else FIXED_PLANS
     for b, budget_text in enumerate(args.budgets):
         budget = parse_memory(budget_text)
         if device.type == "cuda":
@@ -283,15 +344,18 @@ def main() -> None:
                 case, planners[case.model], inputs, device, args.overlap
             )
             row |= run_naive(case, models[case.model], inputs, device)
+            if not args.no_fixed:
+                row |= run_fixed(case, models[case.model], inputs, device, args.overlap, fixed)
             rows.append(row)
             print(row, flush=True)
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
     table = pd.DataFrame(rows)
-    publish(report(table, args, device, calibration_seconds), args.out)
+    publish(report(table, args, device, calibration_seconds, fixed), args.out)
 
 
-def report(table: pd.DataFrame, args, device: torch.device, calibration_seconds: float) -> str:
+def report(table: pd.DataFrame, args, device, calibration_seconds: float, fixed) -> str:
+    table = table.assign(model=[case.split(" ")[0] for case in table["case"]])
     done = table[table["status"] == "done"]
     errors = done["error %"].abs()
     lines = [
@@ -303,8 +367,19 @@ def report(table: pd.DataFrame, args, device: torch.device, calibration_seconds:
         + f"; sliding-window overlap {args.overlap}; seed {args.seed}",
         f"- calibration (all probes, all budgets): {calibration_seconds:.1f} s",
         "",
-        table.to_markdown(index=False, floatfmt=".3f"),
+        table.drop(columns="model").to_markdown(index=False, floatfmt=".3f"),
         "",
+    ]
+    if not args.no_fixed:
+        throughput = throughput_table(table, fixed)
+        lines += [
+            "Throughput against fixed plans (sum of the seconds over each model's cases; a",
+            "fixed plan counts only where it completes every case under the budget):",
+            "",
+            throughput.to_markdown(index=False, floatfmt=".3f"),
+            "",
+        ]
+    lines += [
         "Summary:",
         "",
         f"- cases failed with the planner: {int((table['status'] != 'done').sum())} "
@@ -317,6 +392,15 @@ def report(table: pd.DataFrame, args, device: torch.device, calibration_seconds:
     ]
     if device.type == "cuda" and len(done):
         lines.append(f"- max measured peak / budget: {done['of budget'].max():.2f}")
+    if not args.no_fixed:
+        ratios = throughput.dropna(subset=["planner throughput / plan's"])
+        for (budget, model), group in ratios.groupby(["budget", "model"], sort=False):
+            best = group.loc[group["seconds"].idxmin()]
+            ratio = best["planner throughput / plan's"]
+            lines.append(
+                f"- {budget}, {model}: planner throughput {ratio:.2f}x "
+                f"that of the best fixed plan completing every case ({best['plan']})"
+            )
     return "\n".join(lines)
 
 
