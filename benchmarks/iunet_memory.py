@@ -317,6 +317,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for <part>.csv and README.md")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # the memory cap needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if "fit" in args.parts and device.type != "cuda":
