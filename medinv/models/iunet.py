@@ -210,11 +210,19 @@ class InvertibleUNet(InvertibleModule):
         """``overwrite_input``: without a graph, the network may work in ``x``'s memory
         (see :meth:`InvertibleSequential.forward`); a padded input is its own anyway."""
         self._check(x)
+        padded, widths = self.pad(x)
+        return self.crop(self.net(padded, overwrite_input=overwrite_input or any(widths)), widths)
+
+    def pad(self, x: Tensor) -> tuple[Tensor, list[int]]:
+        """``x`` padded (``padding_mode``) to a multiple of the total stride, or ``x`` itself
+        where it is one, and the ``F.pad`` widths that :meth:`crop` takes."""
         widths = self._padding(x.shape[2:])
-        if not any(widths):
-            return self.net(x, overwrite_input=overwrite_input)
-        padded = F.pad(x, widths, mode=self.padding_mode)
-        return _crop(self.net(padded, overwrite_input=True), widths)
+        return (F.pad(x, widths, mode=self.padding_mode) if any(widths) else x), widths
+
+    @staticmethod
+    def crop(y: Tensor, widths: Sequence[int]) -> Tensor:
+        """``y`` cropped back to the size before :meth:`pad` (a view)."""
+        return _crop(y, widths) if any(widths) else y
 
     def inverse(self, y: Tensor) -> Tensor:
         self._check(y)
@@ -291,8 +299,10 @@ class IUNet(nn.Module):
         return self.core.total_stride
 
     def forward(self, x: Tensor) -> Tensor:
-        # The core may work in the memory of the projection's output (no copy in inference).
-        return self.project_out(self.core(self.project_in(x), overwrite_input=True))
+        # Padded here, the projection's unpadded output is freed before the core runs; the
+        # core then works in the memory of the (padded) projection (no copy in inference).
+        h, widths = self.core.pad(self.project_in(x))
+        return self.project_out(self.core.crop(self.core(h, overwrite_input=True), widths))
 
     def summary(self, spatial_shape: Sequence[int] | None = None) -> str:
         return (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medinv.inference.peak import measure_peak
 from medinv.invertible import saved_activations
 from medinv.models import InvertibleUNet, IUNet
 
@@ -170,3 +171,26 @@ def test_segmenter_inference_in_place_matches_the_forward_with_a_graph(shape):
         reference = model(x)
     assert torch.equal(x, before)
     torch.testing.assert_close(logits, reference.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_padded_inference_frees_the_unpadded_projection():
+    """An input that needs padding costs no more than one that does not: the projection's
+    unpadded output is freed once padded, before the core runs (it was a whole extra state
+    at the peak, and the planner's model has no room for it)."""
+    torch.manual_seed(0)
+    model = IUNet(4, 3, channels=16, dim=3, architecture=(1, 1, 1)).eval()
+    state_bytes = 16 * 32 * 32 * 32 * 4
+
+    def peak(shape):
+        x = torch.randn(1, 4, *shape)
+
+        def run():
+            with torch.no_grad():
+                model(x)
+
+        run()
+        return measure_peak(run, torch.device("cpu"))
+
+    multiple = peak((32, 32, 32))
+    assert peak((30, 32, 32)) <= multiple + state_bytes // 4
+    assert peak((29, 30, 31)) <= multiple + state_bytes // 4
