@@ -257,9 +257,8 @@ def reserved_peak(build, volume, cap_gib, device) -> int | None:
 def part_fit(args, device) -> pd.DataFrame:
     """Largest volume of FIT_VOLUMES each model trains on within each budget.
 
-    One pass per model under the largest budget, volumes in increasing size until the
-    first out-of-memory; a volume fits a smaller budget where the step's reserved peak
-    (what the allocator asked the device for, the quantity the cap limits) is within it.
+    Per budget, the step runs under that cap, volumes in increasing size until the first
+    out-of-memory; a larger budget starts above the largest volume a smaller one fitted.
     cuDNN autotuning is off here: every volume is a new shape.
     """
     torch.backends.cudnn.benchmark = False
@@ -275,22 +274,24 @@ def part_fit(args, device) -> pd.DataFrame:
         )
     except ImportError:
         print("MONAI not installed: SegResNet left out of the fit table")
-    budgets = sorted(args.budgets)
     rows = []
     for channels in args.channels:
         for name, make in models.items():
             if args.no_peer and name.startswith("iunets"):
                 continue
-            peaks: dict[tuple[int, ...], int] = {}
-            for volume in FIT_VOLUMES:
-                peak = reserved_peak(lambda m=make, c=channels: m(c), volume, budgets[-1], device)
-                if peak is None:
-                    break
-                peaks[volume] = peak
-                print(f"{name} C={channels} {volume}: {peak / 2**30:.2f} GiB reserved", flush=True)
-            for budget in budgets:
-                fitting = [v for v, peak in peaks.items() if peak <= budget * 2**30]
-                largest = "x".join(map(str, fitting[-1])) if fitting else "none"
+            fitted = -1  # index of the largest volume that fitted so far
+            for budget in sorted(args.budgets):
+                for i in range(fitted + 1, len(FIT_VOLUMES)):
+                    volume = FIT_VOLUMES[i]
+                    peak = reserved_peak(lambda m=make, c=channels: m(c), volume, budget, device)
+                    outcome = "OOM" if peak is None else f"{peak / 2**30:.2f} GiB reserved"
+                    print(
+                        f"{name} C={channels} {volume} within {budget} GiB: {outcome}", flush=True
+                    )
+                    if peak is None:
+                        break
+                    fitted = i
+                largest = "x".join(map(str, FIT_VOLUMES[fitted])) if fitted >= 0 else "none"
                 rows.append(
                     {"budget_GiB": budget, "C": channels, "model": name, "largest": largest}
                 )
