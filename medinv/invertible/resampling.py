@@ -115,12 +115,20 @@ class _OrthogonalResampling(InvertibleModule):
                 f"spatial size {tuple(x.shape[2:])} is not divisible by stride {self.stride}"
             )
 
-    def _kernel_grads(self, params: Sequence[Tensor], high: Tensor, grad_low: Tensor) -> ParamGrads:
-        """Gradients of the parameters given ``low = down(high)`` and ``dL/dlow``."""
+    def _kernel_with_graph(self) -> Tensor:
+        """The kernel with its graph to the parameters: the backward pass evaluates it once
+        (on a GPU each orthogonal matrix costs a solve or matrix exponential, and a wait for
+        the device) and uses its values and its graph."""
+        with torch.enable_grad():
+            return self.kernel()
+
+    def _kernel_grads(
+        self, params: Sequence[Tensor], k: Tensor, high: Tensor, grad_low: Tensor
+    ) -> ParamGrads:
+        """Gradients of the parameters given the kernel ``k`` (with its graph),
+        ``low = down(high)`` and ``dL/dlow``."""
         if not params:
             return []
-        with torch.enable_grad():
-            k = self.kernel()
         grad_k = _CONV_WEIGHT_GRAD[self.dim](
             high, k.shape, grad_low, stride=self.stride, groups=self.channels
         )
@@ -157,9 +165,9 @@ class InvertibleDownsampling(_OrthogonalResampling):
     def backward_pass(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
-        k = self.kernel().detach()
-        x = self._up(y, k)
-        return x, self._up(grad_y, k), self._kernel_grads(params, x, grad_y)
+        k = self._kernel_with_graph()
+        x = self._up(y, k.detach())
+        return x, self._up(grad_y, k.detach()), self._kernel_grads(params, k, x, grad_y)
 
 
 class InvertibleUpsampling(_OrthogonalResampling):
@@ -191,7 +199,7 @@ class InvertibleUpsampling(_OrthogonalResampling):
     def backward_pass(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
-        k = self.kernel().detach()
-        x = self._down(y, k)
+        k = self._kernel_with_graph()
+        x = self._down(y, k.detach())
         # y = up(x) is the adjoint of down, so dL/dK pairs grad_y (as input) with x.
-        return x, self._down(grad_y, k), self._kernel_grads(params, grad_y, x)
+        return x, self._down(grad_y, k.detach()), self._kernel_grads(params, k, grad_y, x)

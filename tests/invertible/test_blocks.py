@@ -159,6 +159,28 @@ def test_orthogonal_matrix_rejects_unknown_parametrization():
         orthogonal_matrix(torch.zeros(2, 2), "qr")
 
 
+@pytest.mark.parametrize("down", [True, False])
+def test_resampling_backward_evaluates_the_kernel_once(down, monkeypatch):
+    """The memory-efficient backward takes the kernel's values and its graph from one
+    evaluation (each one is a matrix solve or exponential)."""
+    import medinv.invertible.resampling as resampling
+
+    calls = []
+    real = resampling.orthogonal_weight
+    monkeypatch.setattr(resampling, "orthogonal_weight", lambda *a: calls.append(1) or real(*a))
+    block = _perturb(
+        InvertibleDownsampling(2, 2, dim=2, parametrization="cayley")
+        if down
+        else InvertibleUpsampling(8, 2, dim=2, parametrization="cayley")
+    )
+    chain = InvertibleSequential(block).double()
+    x = torch.randn(2, 2 if down else 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    calls.clear()
+    chain(x).square().sum().backward()
+    assert len(calls) == 2  # forward, then backward
+    assert block.theta.grad is not None and x.grad is not None
+
+
 def test_resampling_reports_bad_shapes():
     with pytest.raises(ValueError, match="not divisible by stride"):
         InvertibleDownsampling(2, 2, dim=2)(torch.randn(1, 2, 5, 4))
