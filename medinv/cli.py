@@ -568,7 +568,7 @@ def reconstruct(
 
     Where files hold targets, NMSE/PSNR/SSIM (model and zero-filled) go to <out>/metrics.csv.
 
-    --gpu-memory 16GiB: the slice batch is chosen per file to fit.
+    --gpu-memory 16GiB: the slice batch (3D models: slab batch) is chosen per file to fit.
 
     Example: medinv reconstruct kspace/multicoil_test --targets kspace/multicoil_test_full --out r/
     """
@@ -761,7 +761,7 @@ def plan(
 
     Segmenters: whole volume or sliding window (ROI, windows per call, stitching), precision.
 
-    Reconstructors: the slice batch. --mode train: the largest crop or slice batch.
+    Reconstructors: the slice batch (3D models: slabs). --mode train: the largest crop or batch.
 
     Exits with status 4 when nothing fits.
 
@@ -789,9 +789,12 @@ def plan(
     if isinstance(planner.work, Reconstructor):
         if len(size) not in (3, 4):
             raise InputError(f"--shape {shape}: a reconstructor needs slices,[coils,]height,width")
-        result = planner.plan_reconstruction(size, mode)
+        slab = int(((trained or {}).get("data") or {}).get("slab") or 8)
+        result = planner.plan_reconstruction(size, mode, slab=slab)
         calibration = planner.calibration(mode, "fp32", size[1] if len(size) == 4 else None)
         rows = [("slice batch", str(result.batch_size))]
+        if result.slab is not None:
+            rows = [("slab", f"{result.slab} slices"), ("slab batch", str(result.batch_size))]
     elif inference:
         overlap = trained.get("inference", {}).get("overlap", 0.5)
         result = planner.plan_segmentation(size, overlap)

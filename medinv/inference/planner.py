@@ -8,7 +8,7 @@ of preference:
   (a multiple of the model's stride, at most the volume padded up to it), then the largest
   window batch, with the stitched output on the device, else in CPU memory; fp32 first,
   bf16 autocast only where fp32 cannot fit (or when asked);
-- reconstruction: the largest batch of slices;
+- reconstruction: the largest batch of slices (2D models) or of slabs (3D models);
 - training: the largest (cubic-ish) crop.
 
 :meth:`Planner.run` runs a plan and, when the device runs out of memory all the same, frees
@@ -26,6 +26,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from medinv.data.kspace_transforms import slab_starts
 from medinv.errors import InputError, ResourceError
 
 from .memory_model import Calibration, Mode, calibrate
@@ -209,29 +210,47 @@ class Planner:
     # -- reconstruction and training -------------------------------------------------------
 
     def plan_reconstruction(
-        self, shape: Sequence[int], mode: Mode = "inference", max_batch: int | None = None
+        self,
+        shape: Sequence[int],
+        mode: Mode = "inference",
+        max_batch: int | None = None,
+        slab: int = 8,
+        overlap: int = 0,
     ) -> ReconstructionPlan:
-        """The largest slice batch (at most ``max_batch`` and the slices) for a file of
-        ``shape`` ``(slices, [coils,] H, W)``."""
+        """The largest batch (at most ``max_batch``) for a file of ``shape``
+        ``(slices, [coils,] H, W)``: of slices for a 2D model, of the volume's slabs of
+        ``slab`` slices (consecutive slabs sharing ``overlap``) for a 3D one."""
         shape = tuple(shape)
         if not isinstance(self.work, Reconstructor):
             raise InputError("this model is a segmenter; plan volumes for it instead")
         if len(shape) not in (3, 4):
             raise InputError(f"expected (slices, [coils,] height, width), got {shape}")
-        cap = max(1, min(shape[0], max_batch or shape[0]))
+        items, depth = shape[0], None
+        if self.work.dim == 3:
+            depth = min(slab, shape[0])
+            if not 0 <= overlap < depth:
+                raise InputError(f"slab overlap must lie in [0, {depth}), got {overlap}")
+            items = len(slab_starts(shape[0], depth, depth - overlap))
+        cap = max(1, min(items, max_batch or items))
         batch = cap
         if self.limit is not None:
             calibration = self._reconstruction_calibration(shape, mode)
             room = self.limit - calibration.resident - calibration.intercept
-            per_batch = calibration.slope * math.prod(shape[-2:])
-            batch = int(min(cap, max(1, room // per_batch))) if per_batch > 0 else cap
-        return self._reconstruction(shape, batch, mode)
+            per_item = calibration.slope * (depth or 1) * math.prod(shape[-2:])
+            batch = int(min(cap, max(1, room // per_item))) if per_item > 0 else cap
+        return self._reconstruction(shape, batch, mode, depth)
 
-    def _reconstruction(self, shape, batch: int, mode: Mode = "inference") -> ReconstructionPlan:
+    def _reconstruction(
+        self, shape, batch: int, mode: Mode = "inference", slab: int | None = None
+    ) -> ReconstructionPlan:
         calibration = self._reconstruction_calibration(shape, mode)
-        peak = calibration.resident + calibration.step_peak(batch * math.prod(shape[-2:]))
+        units = batch * (slab or 1) * math.prod(shape[-2:])
         return ReconstructionPlan(
-            predicted_peak=peak, limit=self.limit, shape=shape, batch_size=batch
+            predicted_peak=calibration.resident + calibration.step_peak(units),
+            limit=self.limit,
+            shape=shape,
+            batch_size=batch,
+            slab=slab,
         )
 
     def _reconstruction_calibration(self, shape, mode: Mode) -> Calibration:
@@ -269,7 +288,7 @@ class Planner:
         if isinstance(plan, ReconstructionPlan):
             if plan.batch_size == 1:
                 return None
-            return self._reconstruction(plan.shape, plan.batch_size // 2)
+            return self._reconstruction(plan.shape, plan.batch_size // 2, slab=plan.slab)
         stride = self._segmenter().stride
         padded, floor, smallest = self._bounds(plan.shape)
         roi, on_cpu, precision = plan.roi_size, plan.stitch_on_cpu, plan.precision

@@ -111,14 +111,18 @@ class SegmentationPlan(Plan):
 
 @dataclass(frozen=True)
 class ReconstructionPlan(Plan):
-    """How to reconstruct a file of ``shape`` ``(slices, [coils,] H, W)``: slice batches."""
+    """How to reconstruct a file of ``shape`` ``(slices, [coils,] H, W)``: batches of
+    ``batch_size`` slices (2D models) or of ``batch_size`` slabs of ``slab`` slices (3D)."""
 
     shape: tuple[int, ...]
     batch_size: int
+    slab: int | None = None
 
     @property
     def kind(self) -> str:
-        return f"batches of {self.batch_size} slice{'s' if self.batch_size > 1 else ''}"
+        items = "slice" if self.slab is None else "slab"
+        kind = f"batches of {self.batch_size} {items}{'s' if self.batch_size > 1 else ''}"
+        return kind if self.slab is None else f"{kind} of {self.slab} slices"
 
     def describe(self) -> str:
         return f"{self.kind}, fp32: {self._peak()}"

@@ -176,8 +176,8 @@ def reconstruct_file(
     """Reconstruct every slice of a fastMRI file and write ``<out_dir>/<name>`` (the
     ``reconstruction`` float32 ``(slices, h, w)`` on the header's reconstruction matrix).
 
-    With a ``planner``, its plan for the file's shape sets the slice batch (at most
-    ``settings.batch_size``), halved where memory runs out all the same.
+    With a ``planner``, its plan for the file's shape sets the batch of slices (3D models:
+    of slabs; at most ``settings.batch_size``), halved where memory runs out all the same.
 
     Returns a row for the results table: file, acceleration, and, where the file (or
     ``target_file``, e.g. the fully sampled twin of a test file) holds a target,
@@ -210,7 +210,7 @@ def reconstruct_file(
                         progress()
             return torch.cat(outputs), torch.cat(baselines)
 
-        def run_slabs() -> tuple[Tensor, Tensor]:
+        def run_slabs(batch_size: int) -> tuple[Tensor, Tensor]:
             from .slabs import reconstruct_volume_in_slabs
 
             kspace = torch.stack([f.kspace(i) for i in range(f.num_slices)]) * mask
@@ -222,7 +222,7 @@ def reconstruct_file(
                 measurement.sensitivities,
                 slab=settings.slab,
                 overlap=settings.slab_overlap,
-                batch_size=settings.batch_size or 1,
+                batch_size=batch_size,
                 device=device,
             )
             if progress is not None:
@@ -231,15 +231,18 @@ def reconstruct_file(
             zero = magnitude_crop(zero_filled(measurement), recon_shape)
             return magnitude_crop(images, recon_shape).float().cpu(), zero.float().cpu()
 
-        if getattr(model, "dim", 2) == 3:
-            if planner is not None:
-                raise InputError("the memory planner plans 2D reconstructors; omit --gpu-memory")
-            volume, baseline = run_slabs()
-        elif planner is None:
-            volume, baseline = run(settings.batch_size or f.num_slices)
+        attempt = run_slabs if getattr(model, "dim", 2) == 3 else run
+        if planner is None:
+            default = 1 if attempt is run_slabs else f.num_slices
+            volume, baseline = attempt(settings.batch_size or default)
         else:
-            plan = planner.plan_reconstruction(f.shape, max_batch=settings.batch_size)
-            volume, baseline = planner.run(plan, lambda p: run(p.batch_size), path.name)
+            plan = planner.plan_reconstruction(
+                f.shape,
+                max_batch=settings.batch_size,
+                slab=settings.slab,
+                overlap=settings.slab_overlap,
+            )
+            volume, baseline = planner.run(plan, lambda p: attempt(p.batch_size), path.name)
         target = _targets(f) if has_target else None
     volume, baseline = volume.numpy(), baseline.numpy()
     write_reconstruction(out_path, volume, overwrite=settings.overwrite)

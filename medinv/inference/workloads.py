@@ -19,6 +19,9 @@ from medinv.errors import ConfigError
 #: costs no longer dominate the peak.
 PROBE_EDGES = {"cpu": (32, 48, 64), "cuda": (48, 64, 96)}
 PROBE_EDGES_2D = {"cpu": (64, 96, 128), "cuda": (128, 192, 256)}
+#: Slab depth of a 3D reconstructor's probes (the training default); its calibration is per
+#: voxel, so it serves every slab depth.
+PROBE_SLAB = 8
 
 
 def model_stride(model: nn.Module) -> tuple[int, ...]:
@@ -99,9 +102,11 @@ class Segmenter:
 
 
 class Reconstructor:
-    """Steps of a 2D reconstructor on slice batches of k-space ``(B, [C,] H, W)``, as
-    ``medinv reconstruct`` runs them: the measurement moved to the device, the model, and
-    the zero-filled baseline; units ``B * H * W`` (the coil count is fixed per calibration).
+    """Steps of a reconstructor as ``medinv reconstruct`` runs them, on a batch of k-space
+    slices ``(B, [C,] H, W)`` (2D models) or of slabs ``(B, S, [C,] H, W)`` (3D models):
+    the measurement moved to the device and the model, and for 2D models the zero-filled
+    baseline. Units ``B * H * W`` (2D) or ``B * S * H * W`` (3D); the coil count is fixed
+    per calibration.
 
     The training step: L1 loss of the magnitude against a random target (medinv's training
     adds SSIM on the cropped image, a small extra), backward, gradient clipping and an AdamW
@@ -109,40 +114,54 @@ class Reconstructor:
     """
 
     def __init__(self, model: nn.Module, coils: int | None):
-        if getattr(model, "dim", 2) != 2:
-            raise ConfigError("the memory planner handles 2D (slice-wise) reconstructors only")
+        self.dim = getattr(model, "dim", 2)
+        if self.dim not in (2, 3):
+            raise ConfigError(f"the memory planner plans 2D and 3D reconstructors, not {self.dim}D")
         self.coils = coils
         self.stride = model_stride(model)
 
     def probe_shapes(self, device: torch.device) -> list[tuple[int, ...]]:
         edges = PROBE_EDGES_2D["cuda" if device.type == "cuda" else "cpu"]
-        return _probe_shapes(edges, self.stride)
+        shapes = _probe_shapes(edges, self.stride[-2:])
+        if self.dim == 3:
+            slab = -(-PROBE_SLAB // self.stride[0]) * self.stride[0]
+            shapes = [(slab, *shape) for shape in shapes]
+        return shapes
 
     def units(self, shape: Sequence[int], batch: int = 1) -> int:
-        return batch * math.prod(shape[-2:])
+        return batch * math.prod(shape[-self.dim :])
 
     def inputs(self, shape, batch, device, train) -> tuple:
         from medinv.inference.reconstruction import Measurement
 
-        height, width = shape[-2:]
+        *slab, height, width = shape[-self.dim :]
         coils = () if self.coils is None else (self.coils,)
-        kspace = torch.randn(batch, *coils, height, width, dtype=torch.complex64, device=device)
+        kspace = torch.randn(
+            batch, *slab, *coils, height, width, dtype=torch.complex64, device=device
+        )
         sens = None if self.coils is None else torch.randn_like(kspace)
         mask = torch.ones(batch, *([1] * (kspace.ndim - 2)), width, device=device)
         measurement = Measurement(kspace, mask, sens, torch.ones(batch, device=device))
         if not train:
             return (measurement,)
-        return measurement, torch.rand(batch, height, width, device=device)
+        return measurement, torch.rand(batch, *slab, height, width, device=device)
+
+    def _estimate(self, model: nn.Module, measurement) -> Tensor:
+        from medinv.inference.reconstruction import reconstruct
+        from medinv.inference.slabs import reconstruct_slabs
+
+        return (reconstruct_slabs if self.dim == 3 else reconstruct)(model, measurement)
 
     def infer(self, model: nn.Module, inputs) -> object:
-        from medinv.inference.reconstruction import reconstruct, zero_filled
+        from medinv.inference.reconstruction import zero_filled
 
-        return reconstruct(model, inputs[0]).abs(), zero_filled(inputs[0]).abs()
+        estimate = self._estimate(model, inputs[0]).abs()
+        if self.dim == 3:  # the volume's zero-filled image is made on the CPU
+            return estimate
+        return estimate, zero_filled(inputs[0]).abs()
 
     def loss(self, model: nn.Module, inputs) -> Tensor:
-        from medinv.inference.reconstruction import reconstruct
-
-        return (reconstruct(model, inputs[0]).abs().float() - inputs[1]).abs().mean()
+        return (self._estimate(model, inputs[0]).abs().float() - inputs[1]).abs().mean()
 
 
 Workload = Segmenter | Reconstructor

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from pathlib import Path
 
 import h5py
 import nibabel as nib
@@ -21,7 +22,9 @@ from medinv.inference.memory_model import calibrate
 from medinv.inference.peak import measure_peak
 from medinv.inference.planner import Planner
 from medinv.inference.plans import parse_memory, resolve_budget
+from medinv.inference.reconstruction import scaled_measurement
 from medinv.inference.segmentation import SegmentationSettings, predict_volume, segment_case
+from medinv.inference.slabs import reconstruct_slabs
 from medinv.models import IRIM, IUNet
 
 from ..synthetic_cases import tiny_kspace_set, tiny_segmentation_config, write_case
@@ -65,6 +68,51 @@ def test_calibration_predicts_the_measured_peak_of_a_larger_shape(iunet):
     predicted = calibration.step_peak(math.prod(shape))
     assert measured > max(peak for _, peak in calibration.probes)
     assert abs(predicted - measured) <= 0.15 * measured
+
+
+def test_a_3d_reconstructor_is_calibrated_per_voxel_of_its_slabs():
+    """Probes are slabs of a few slices; the fit predicts a deeper, larger slab run as
+    ``medinv reconstruct`` runs it (the measurement copied to the device, then the model),
+    and bounds a batch of them (on the CPU a 3D convolution's workspace is per sample, so
+    batches cost less than their units say); the plan counts slabs."""
+    torch.manual_seed(0)
+    irim = IRIM(
+        dim=3, state_channels=4, steps=2, layers_per_step=2, dilations=(1, 2), hidden_channels=4
+    ).eval()
+    calibration = calibrate(irim, CPU, "inference", coils=3)
+    slab, height, width = 12, 160, 144
+
+    def peak(batch: int) -> int:
+        kspace = torch.randn(batch, slab, 3, height, width, dtype=torch.complex64)
+        measurement = scaled_measurement(kspace, torch.ones(width), torch.randn_like(kspace))
+
+        def step() -> None:
+            moved = dataclasses.replace(  # what moving it to a GPU allocates there
+                measurement,
+                kspace=measurement.kspace.clone(),
+                sensitivities=measurement.sensitivities.clone(),
+            )
+            with torch.no_grad():
+                reconstruct_slabs(irim, moved).abs()
+
+        return measure_peak(step, CPU)
+
+    units = slab * height * width
+    assert units > max(u for u, _ in calibration.probes)
+    assert abs(calibration.step_peak(units) - peak(1)) <= 0.1 * peak(1)
+    assert calibration.step_peak(2 * units) >= peak(2)
+
+    budget = calibration.resident + calibration.step_peak(2 * units) + 1024
+    planner = Planner(irim, CPU, budget, margin=0.0)
+    plan = planner.plan_reconstruction((36, 3, height, width), slab=slab)  # 3 slabs
+    assert (plan.slab, plan.batch_size) == (slab, 2) and plan.fits
+    assert plan.kind == f"batches of 2 slabs of {slab} slices"
+    overlapping = planner.plan_reconstruction((36, 3, height, width), slab=slab, overlap=6)
+    assert overlapping.batch_size == 2  # 5 slabs now, still 2 at a time
+    with pytest.raises(InputError, match="slab overlap must lie in"):
+        planner.plan_reconstruction((36, 3, height, width), slab=slab, overlap=12)
+    smaller = planner.smaller(plan)
+    assert (smaller.slab, smaller.batch_size) == (slab, 1)
 
 
 def test_plans_stay_within_the_budget_whole_volume_first(iunet):
@@ -173,6 +221,15 @@ def test_plan_command_prints_a_plan_for_the_bundled_segmenter():
     assert "1.00 GiB" in result.output
     too_small = runner.invoke(cli.app, ["plan", "--shape", "240,240,155", "--gpu-memory", "1MiB"])
     assert isinstance(too_small.exception, ResourceError)
+
+
+def test_plan_command_plans_slabs_for_a_3d_reconstructor():
+    config = Path(__file__).resolve().parents[2] / "configs" / "irim3d_multicoil_small.yaml"
+    args = ["plan", "--model", str(config), "--shape", "12,8,256,128", "--device", "cpu"]
+    result = runner.invoke(cli.app, [*args, "--gpu-memory", "4GiB"])
+    assert result.exit_code == 0, result.output
+    assert "slab batch" in result.output and "4 slices" in result.output  # the config's slab
+    assert "batches of 3 slabs of 4 slices" in result.output
 
 
 def test_segment_with_a_memory_budget_writes_the_same_labels(tmp_path):

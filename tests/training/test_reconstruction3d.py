@@ -140,9 +140,11 @@ def test_invalid_3d_settings_are_named(tmp_path, change, message):
         load_config(path)
 
 
-def test_medinv_reconstruct_runs_a_3d_checkpoint_slab_by_slab(kspace_set, tmp_path):
+@pytest.mark.parametrize("gpu_memory", [None, "1GiB"])
+def test_medinv_reconstruct_runs_a_3d_checkpoint_slab_by_slab(kspace_set, tmp_path, gpu_memory):
     """`medinv reconstruct` reads the slab size from the checkpoint and writes every slice:
-    the file equals the slab helper's result on the same masked k-space."""
+    the file equals the slab helper's result on the same masked k-space; with a memory
+    budget the planner batches the slabs (here all three at once)."""
     import h5py
 
     from medinv.inference.reconstruction import magnitude_crop, prepare
@@ -166,8 +168,11 @@ def test_medinv_reconstruct_runs_a_3d_checkpoint_slab_by_slab(kspace_set, tmp_pa
         tmp_path / "recon",
         "--device",
         "cpu",
+        *(["--gpu-memory", gpu_memory] if gpu_memory else []),
     )
     assert done.returncode == 0, done.stderr
+    if gpu_memory:
+        assert f"batches of 3 slabs of {SLAB} slices x1" in done.stdout
     with h5py.File(tmp_path / "recon" / source.name) as f:
         written = torch.from_numpy(f["reconstruction"][()])
 
