@@ -5,7 +5,8 @@ shuffle of
 
 - fastMRI-size multi-coil volumes (640x368 or 640x372 k-space, 15-20 coils, 30-45 slices;
   random complex k-space, random coil maps, a 4x equispaced mask) through the 2D i-RIM of
-  ``configs/irim_multicoil.yaml``, slice-batched as ``medinv reconstruct`` runs it;
+  ``configs/irim_multicoil.yaml``, slice-batched as ``medinv reconstruct`` runs it, and
+  through the 3D i-RIM of ``configs/irim3d_multicoil.yaml`` in batches of slabs;
 - volumes of 128^3, 240x240x160, 256^3 and 512x512x200 voxels (four random contrasts)
   through the 3D iUNet segmenter of ``configs/iunet_brats_like.yaml`` (32 channels),
   inference as ``medinv segment`` runs it.
@@ -41,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import gib, header, publish, synchronize  # noqa: E402
+from medinv.data.kspace_transforms import slab_starts  # noqa: E402
 from medinv.errors import ResourceError  # noqa: E402
 from medinv.inference.memory_model import resident_bytes  # noqa: E402
 from medinv.inference.peak import measure_peak, release_memory  # noqa: E402
@@ -53,27 +55,29 @@ from medinv.inference.reconstruction import (  # noqa: E402
     zero_filled,
 )
 from medinv.inference.segmentation import SegmentationSettings, predict_volume  # noqa: E402
+from medinv.inference.slabs import reconstruct_volume_in_slabs  # noqa: E402
 from medinv.models import build_model  # noqa: E402
 from medinv.training.config import load_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOLUMES = [(128, 128, 128), (240, 240, 160), (256, 256, 256), (512, 512, 200)]
 SMOKE_VOLUMES = [(32, 32, 32), (48, 48, 32), (64, 64, 64), (96, 80, 40)]
-# Plans chosen by hand, the same for every case: i-RIM slices per batch, iUNet window size
-# (one window per call, stitched on the device, fp32).
-FIXED_PLANS = {"i-RIM": [8, 24], "iUNet": [(128, 128, 128), (192, 192, 192)]}
-SMOKE_FIXED_PLANS = {"i-RIM": [2, 4], "iUNet": [(16, 16, 16), (32, 32, 32)]}
+# Plans chosen by hand, the same for every case: i-RIM slices per batch, 3D i-RIM slabs per
+# batch, iUNet window size (one window per call, stitched on the device, fp32).
+FIXED_PLANS = {"i-RIM": [8, 24], "i-RIM3D": [1, 2], "iUNet": [(128, 128, 128), (192, 192, 192)]}
+SMOKE_FIXED_PLANS = {"i-RIM": [2, 4], "i-RIM3D": [1, 2], "iUNet": [(16, 16, 16), (32, 32, 32)]}
+RECONSTRUCTORS = ("i-RIM", "i-RIM3D")
 
 
 def fixed_plan_name(model: str, plan) -> str:
-    if model == "i-RIM":
-        return f"fixed {plan} slices"
+    if model in RECONSTRUCTORS:
+        return f"fixed {plan} {'slices' if model == 'i-RIM' else 'slabs'}"
     return f"fixed window {'x'.join(map(str, plan))}"
 
 
 @dataclass(frozen=True)
 class Case:
-    """One input: ``shape`` is (slices, coils, H, W) for the i-RIM, spatial for the iUNet."""
+    """One input: ``shape`` is (slices, coils, H, W) for the i-RIMs, spatial for the iUNet."""
 
     model: str
     shape: tuple[int, ...]
@@ -84,7 +88,8 @@ class Case:
 
 
 def draw_cases(args) -> list[Case]:
-    """The i-RIM and iUNet cases (each budget runs them all, in its own shuffled order)."""
+    """The i-RIM, 3D i-RIM and iUNet cases (each budget runs them all, in its own shuffled
+    order)."""
     rng = random.Random(args.seed)
     cases = []
     for _ in range(args.irim_cases):
@@ -93,6 +98,12 @@ def draw_cases(args) -> list[Case]:
         else:
             shape = (rng.randint(30, 45), rng.randint(15, 20), 640, rng.choice([368, 372]))
         cases.append(Case("i-RIM", shape))
+    for _ in range(args.irim3d_cases):
+        if args.smoke:
+            shape = (rng.randint(5, 9), rng.randint(3, 4), 64, rng.choice([48, 52]))
+        else:
+            shape = (rng.randint(30, 45), rng.randint(15, 20), 640, rng.choice([368, 372]))
+        cases.append(Case("i-RIM3D", shape))
     volumes = SMOKE_VOLUMES if args.smoke else VOLUMES
     for i in range(args.iunet_cases):
         shape = volumes[i] if i < len(volumes) else rng.choice(volumes)
@@ -101,13 +112,13 @@ def draw_cases(args) -> list[Case]:
 
 
 def build_models(args, device: torch.device) -> dict[str, torch.nn.Module]:
+    """The models by case kind; sets ``args.slab``, the 3D i-RIM's slab depth."""
     torch.manual_seed(0)
     if args.smoke:
-        irim = build_model(
-            "irim",
-            {"state_channels": 8, "steps": 2, "layers_per_step": 2, "dilations": [1, 2]}
-            | {"hidden_channels": 8},
-        )
+        small = {"state_channels": 8, "steps": 2, "layers_per_step": 2, "dilations": [1, 2]}
+        irim = build_model("irim", small | {"hidden_channels": 8})
+        irim3d = build_model("irim", small | {"hidden_channels": 4, "dim": 3})
+        args.slab = 4
         iunet = build_model(
             "iunet",
             {"in_channels": 4, "out_channels": 3, "channels": 4, "dim": 3}
@@ -115,10 +126,14 @@ def build_models(args, device: torch.device) -> dict[str, torch.nn.Module]:
         )
     else:
         recon = load_config(CONFIGS / "irim_multicoil.yaml", task="reconstruct")
+        recon3d = load_config(CONFIGS / "irim3d_multicoil.yaml", task="reconstruct")
         seg = load_config(CONFIGS / "iunet_brats_like.yaml", task="segment")
         irim = build_model(recon.model.kind, recon.model.kwargs())
+        irim3d = build_model(recon3d.model.kind, recon3d.model.kwargs())
+        args.slab = recon3d.data.slab
         iunet = build_model(seg.model.kind, seg.model_kwargs())
-    return {"i-RIM": irim.to(device).eval(), "iUNet": iunet.to(device).eval()}
+    models = {"i-RIM": irim, "i-RIM3D": irim3d, "iUNet": iunet}
+    return {name: model.to(device).eval() for name, model in models.items()}
 
 
 class Inputs:
@@ -143,10 +158,23 @@ class Inputs:
             self.cache[key] = (kspace * mask, mask.view(1, 1, width), maps)
         return self.cache[key]
 
+    def kspace_volume(self, shape: tuple[int, ...]):
+        """A whole volume ``(slices, coils, H, W)`` of the slices of :meth:`kspace`, its
+        coil maps and its column mask ``(W,)``, as the 3D path takes them."""
+        key = ("kv", *shape)
+        if key not in self.cache:
+            slices, coils, height, width = shape
+            kspace, mask, maps = self.kspace(coils, height, width)
+            index = [i % len(kspace) for i in range(slices)]
+            self.cache[key] = (kspace[index], mask.view(width), maps[index])
+        return self.cache[key]
+
     def prepare(self, case: Case) -> None:
         """Make a case's inputs now, outside what is measured."""
         if case.model == "i-RIM":
             self.kspace(*case.shape[1:])
+        elif case.model == "i-RIM3D":
+            self.kspace_volume(case.shape)
         else:
             self.volume(case.shape)
 
@@ -177,6 +205,20 @@ def reconstruct_volume(model, inputs: Inputs, shape, batch_size: int, device) ->
     return torch.cat(outputs)
 
 
+def reconstruct_in_slabs(model, inputs: Inputs, shape, batch_size: int, slab: int, device):
+    """``medinv reconstruct``'s path for a 3D model: slabs scaled on the CPU, moved to the
+    device ``batch_size`` at a time, the model, the volume put back together."""
+    kspace, mask, maps = inputs.kspace_volume(shape)
+    images = reconstruct_volume_in_slabs(
+        model, kspace, mask, maps, slab=slab, batch_size=batch_size, device=device
+    )
+    return magnitude_crop(images, (min(320, shape[-2]), min(320, shape[-1])))
+
+
+def slab_count(shape, slab: int) -> int:
+    return len(slab_starts(shape[0], min(slab, shape[0])))
+
+
 def measured(run, device: torch.device) -> tuple[int, float, int]:
     """Peak bytes above what was allocated before, seconds, and (CUDA) the whole peak."""
     synchronize(device)
@@ -193,14 +235,21 @@ def segment_volume(model, image, settings, device) -> torch.Tensor:
     return predict_volume(model, image.clone() if device.type == "cpu" else image, settings, device)
 
 
-def run_case(case: Case, planner: Planner, inputs: Inputs, device, overlap: float) -> dict:
-    model = planner.model
-    inputs.prepare(case)
+def reconstruction(case: Case, model, inputs: Inputs, batch: int, slab: int, device):
+    """The case's reconstruction in batches of ``batch`` slices (2D) or slabs (3D)."""
     if case.model == "i-RIM":
-        plan = planner.plan_reconstruction(case.shape)
+        return partial(reconstruct_volume, model, inputs, case.shape, batch, device)
+    return partial(reconstruct_in_slabs, model, inputs, case.shape, batch, slab, device)
+
+
+def run_case(case: Case, planner: Planner, inputs: Inputs, device, args) -> dict:
+    model, overlap = planner.model, args.overlap
+    inputs.prepare(case)
+    if case.model in RECONSTRUCTORS:
+        plan = planner.plan_reconstruction(case.shape, slab=args.slab)
 
         def attempt(p):
-            return reconstruct_volume(model, inputs, case.shape, p.batch_size, device)
+            return reconstruction(case, model, inputs, p.batch_size, args.slab, device)()
     else:
         plan = planner.plan_segmentation(case.shape, overlap)
         image = inputs.volume(case.shape)
@@ -229,19 +278,15 @@ def run_case(case: Case, planner: Planner, inputs: Inputs, device, overlap: floa
     }
 
 
-def run_naive(case: Case, model, inputs: Inputs, device) -> dict:
-    """All slices in one batch, or the whole volume in fp32; None peak where it ran out."""
-    if case.model == "i-RIM":
-
-        def run():
-            reconstruct_volume(model, inputs, case.shape, case.shape[0], device)
+def run_naive(case: Case, model, inputs: Inputs, device, slab: int) -> dict:
+    """All slices (or slabs) in one batch, or the whole volume in fp32; "OOM" where it ran
+    out."""
+    if case.model in RECONSTRUCTORS:
+        items = case.shape[0] if case.model == "i-RIM" else slab_count(case.shape, slab)
+        run = reconstruction(case, model, inputs, items, slab, device)
     else:
-        image = inputs.volume(case.shape)
         settings = SegmentationSettings(roi_size=None)
-
-        def run():
-            segment_volume(model, image, settings, device)
-
+        run = partial(segment_volume, model, inputs.volume(case.shape), settings, device)
     try:
         peak, seconds, _ = measured(run, device)
     except torch.OutOfMemoryError:
@@ -251,12 +296,12 @@ def run_naive(case: Case, model, inputs: Inputs, device) -> dict:
     return {"naive GiB": gib(peak + resident_bytes(model, "inference")), "naive seconds": seconds}
 
 
-def run_fixed(case: Case, model, inputs: Inputs, device, overlap: float, fixed) -> dict:
+def run_fixed(case: Case, model, inputs: Inputs, device, args, fixed) -> dict:
     """Seconds of the case with every fixed plan of its model, or "OOM"."""
-    row = {}
+    row, overlap = {}, args.overlap
     for plan in fixed[case.model]:
-        if case.model == "i-RIM":
-            run = partial(reconstruct_volume, model, inputs, case.shape, plan, device)
+        if case.model in RECONSTRUCTORS:
+            run = reconstruction(case, model, inputs, plan, args.slab, device)
         else:
             settings = SegmentationSettings(roi_size=plan, overlap=overlap)
             run = partial(segment_volume, model, inputs.volume(case.shape), settings, device)
@@ -302,6 +347,7 @@ def main() -> None:
     )
     parser.add_argument("--budgets", nargs="+", default=["16GiB", "32GiB"])
     parser.add_argument("--irim-cases", type=int, default=6)
+    parser.add_argument("--irim3d-cases", type=int, default=4)
     parser.add_argument("--iunet-cases", type=int, default=6)
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     parser.add_argument("--seed", type=int, default=0)
@@ -333,19 +379,20 @@ def main() -> None:
         }
         started = time.perf_counter()
         for case in cases:  # calibrate up front, so that case times are inference only
-            if case.model == "i-RIM":
-                planners["i-RIM"].calibration("inference", "fp32", case.shape[1])
+            if case.model in RECONSTRUCTORS:
+                planners[case.model].calibration("inference", "fp32", case.shape[1])
         planners["iUNet"].calibration("inference", "fp32")
         calibration_seconds += time.perf_counter() - started
         order = list(cases)
         random.Random(args.seed + b).shuffle(order)
         for case in order:
+            model = models[case.model]
             row = {"budget": budget_text} | run_case(
-                case, planners[case.model], inputs, device, args.overlap
+                case, planners[case.model], inputs, device, args
             )
-            row |= run_naive(case, models[case.model], inputs, device)
+            row |= run_naive(case, model, inputs, device, args.slab)
             if not args.no_fixed:
-                row |= run_fixed(case, models[case.model], inputs, device, args.overlap, fixed)
+                row |= run_fixed(case, model, inputs, device, args, fixed)
             rows.append(row)
             print(row, flush=True)
         if device.type == "cuda":
