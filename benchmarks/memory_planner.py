@@ -92,18 +92,17 @@ def draw_cases(args) -> list[Case]:
     order)."""
     rng = random.Random(args.seed)
     cases = []
-    for _ in range(args.irim_cases):
-        if args.smoke:
-            shape = (rng.randint(3, 6), rng.randint(3, 4), 64, rng.choice([48, 52]))
-        else:
-            shape = (rng.randint(30, 45), rng.randint(15, 20), 640, rng.choice([368, 372]))
-        cases.append(Case("i-RIM", shape))
-    for _ in range(args.irim3d_cases):
-        if args.smoke:
-            shape = (rng.randint(5, 9), rng.randint(3, 4), 64, rng.choice([48, 52]))
-        else:
-            shape = (rng.randint(30, 45), rng.randint(15, 20), 640, rng.choice([368, 372]))
-        cases.append(Case("i-RIM3D", shape))
+    # (slices, coils, H, W); the smoke's 3D volumes are deeper than its slab of 4
+    for model, count, smoke_slices in (
+        ("i-RIM", args.irim_cases, (3, 6)),
+        ("i-RIM3D", args.irim3d_cases, (5, 9)),
+    ):
+        for _ in range(count):
+            if args.smoke:
+                shape = (rng.randint(*smoke_slices), rng.randint(3, 4), 64, rng.choice([48, 52]))
+            else:
+                shape = (rng.randint(30, 45), rng.randint(15, 20), 640, rng.choice([368, 372]))
+            cases.append(Case(model, shape))
     volumes = SMOKE_VOLUMES if args.smoke else VOLUMES
     for i in range(args.iunet_cases):
         shape = volumes[i] if i < len(volumes) else rng.choice(volumes)
