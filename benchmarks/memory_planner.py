@@ -71,7 +71,8 @@ RECONSTRUCTORS = ("i-RIM", "i-RIM3D")
 
 def fixed_plan_name(model: str, plan) -> str:
     if model in RECONSTRUCTORS:
-        return f"fixed {plan} {'slices' if model == 'i-RIM' else 'slabs'}"
+        item = "slice" if model == "i-RIM" else "slab"
+        return f"fixed {plan} {item}{'s' if plan > 1 else ''}"
     return f"fixed window {'x'.join(map(str, plan))}"
 
 
