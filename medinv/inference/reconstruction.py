@@ -67,8 +67,10 @@ def prepare(
     multicoil: bool,
     sensitivities: SensitivityMethod = "acs",
 ) -> Measurement:
-    """Build the :class:`Measurement` of slices ``(B, [C,] H, W)`` with column mask ``(W,)``
-    or ``(B, W)``."""
+    """Build the :class:`Measurement` of slices ``(B, [C,] H, W)`` or slabs
+    ``(B, S, [C,] H, W)`` with column mask ``(W,)`` or ``(B, W)``: coil maps per slice
+    (:func:`coil_sensitivities`), then one scale per slice or slab
+    (:func:`scaled_measurement`)."""
     sens = None
     if multicoil:
         sens = coil_sensitivities(masked_kspace, num_low_frequencies, sensitivities)
@@ -78,12 +80,14 @@ def prepare(
 def coil_sensitivities(
     masked_kspace: Tensor, num_low_frequencies: int, method: SensitivityMethod = "acs"
 ) -> Tensor:
-    """Coil maps ``(B, C, H, W)`` of slices ``(B, C, H, W)``, each estimated on its own."""
+    """Coil maps of slices ``(..., C, H, W)`` (e.g. ``(B, C, H, W)``, or slabs
+    ``(B, S, C, H, W)``), the shape of the input, each slice estimated on its own."""
+    per_slice = masked_kspace.reshape(-1, *masked_kspace.shape[-3:])
     if method == "espirit":
-        maps = torch.stack([espirit_maps(k) for k in masked_kspace])
+        maps = torch.stack([espirit_maps(k) for k in per_slice])
     else:
-        maps = acs_sensitivities(masked_kspace, num_low_frequencies)
-    return maps.to(masked_kspace.dtype)
+        maps = acs_sensitivities(per_slice, num_low_frequencies)
+    return maps.to(masked_kspace.dtype).reshape(masked_kspace.shape)
 
 
 def scaled_measurement(kspace: Tensor, mask: Tensor, sensitivities: Tensor | None) -> Measurement:

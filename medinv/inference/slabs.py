@@ -1,10 +1,11 @@
 """3D reconstruction over slabs of adjacent slices (``IRIM(dim=3)``).
 
 A slab of ``S`` consecutive slices becomes one :class:`~.reconstruction.Measurement` with
-k-space ``(B, S, [C,] H, W)``: coil sensitivities are estimated slice by slice exactly as
-for 2D models (:func:`~.reconstruction.prepare`), one column mask serves the whole slab,
-and the slab is divided by one scale, the peak of its zero-filled image over all its
-slices, so the 3D network sees the slices' intensities relative to each other.
+k-space ``(B, S, [C,] H, W)`` (:func:`~.reconstruction.prepare` builds slices and slabs):
+coil sensitivities are estimated slice by slice exactly as for 2D models, one column mask
+serves the whole slab, and the slab is divided by one scale, the peak of its zero-filled
+image over all its slices, so the 3D network sees the slices' intensities relative to
+each other.
 :func:`reconstruct_volume_in_slabs` tiles a whole volume with slabs and puts it back
 together.
 """
@@ -16,32 +17,7 @@ from torch import Tensor, nn
 
 from medinv.data.kspace_transforms import slab_starts
 
-from .reconstruction import (
-    Measurement,
-    SensitivityMethod,
-    coil_sensitivities,
-    scaled_measurement,
-)
-
-
-def prepare_slabs(
-    masked_kspace: Tensor,
-    mask: Tensor,
-    num_low_frequencies: int,
-    multicoil: bool,
-    sensitivities: SensitivityMethod = "acs",
-) -> Measurement:
-    """Build the :class:`~.reconstruction.Measurement` of slabs ``(B, S, [C,] H, W)`` with
-    column mask ``(W,)`` or ``(B, W)``: sensitivities per slice as for 2D models
-    (:func:`~.reconstruction.coil_sensitivities`), then one scale per slab
-    (:func:`~.reconstruction.scaled_measurement`)."""
-    maps = None
-    if multicoil:
-        batch, slices = masked_kspace.shape[:2]
-        per_slice = masked_kspace.flatten(0, 1)
-        maps = coil_sensitivities(per_slice, num_low_frequencies, sensitivities)
-        maps = maps.unflatten(0, (batch, slices))
-    return scaled_measurement(masked_kspace, mask, maps)
+from .reconstruction import Measurement, scaled_measurement
 
 
 def reconstruct_slabs(model: nn.Module, measurement: Measurement) -> Tensor:

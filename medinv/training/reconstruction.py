@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, default_collate
 from medinv.data.kspace_transforms import KSpaceMaskd, KSpaceSliceDataset
 from medinv.errors import ConfigError
 from medinv.inference.reconstruction import Measurement, magnitude_crop, prepare
-from medinv.inference.slabs import prepare_slabs
 from medinv.metrics.reconstruction import volume_metrics
 from medinv.models import build_model
 from medinv.mri.masks import MaskFunc, create_mask_func
@@ -82,8 +81,7 @@ def _measure(batch: dict, config: ReconstructionConfig) -> Measurement:
     """The model's input for a batch of slices ``(B, [C,] H, W)`` or slabs
     ``(B, S, [C,] H, W)``."""
     d = config.data
-    build = prepare_slabs if config.model.dim == 3 else prepare
-    return build(
+    return prepare(
         batch["kspace"],
         batch["mask"],
         int(batch["num_low_frequencies"].min()),

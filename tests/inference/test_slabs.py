@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medinv.inference.reconstruction import prepare
-from medinv.inference.slabs import prepare_slabs, reconstruct_volume_in_slabs
+from medinv.inference.slabs import reconstruct_volume_in_slabs
 from medinv.models import IRIM
 from medinv.mri.fft import ifft2c
 
@@ -90,18 +90,18 @@ def test_overlap_batching_and_short_volumes(model):
         reconstruct_volume_in_slabs(model, kspace, mask, sensitivities, 4, overlap=4)
 
 
-def test_prepare_slabs_keeps_2d_sensitivities_and_scales_each_slab_once():
+def test_prepare_of_slabs_keeps_2d_sensitivities_and_scales_each_slab_once():
     torch.manual_seed(1)
     kspace = torch.randn(2, 3, COILS, H, W, dtype=torch.complex64)
     kspace[1] *= 20
     mask = torch.zeros(W)
     mask[3:7] = 1
     kspace = kspace * mask
-    slabs = prepare_slabs(kspace, mask, 4, multicoil=True)
+    slabs = prepare(kspace, mask, 4, multicoil=True)
     slices = prepare(kspace.flatten(0, 1), mask, 4, multicoil=True)
     torch.testing.assert_close(slabs.sensitivities, slices.sensitivities.unflatten(0, (2, 3)))
     torch.testing.assert_close(slabs.scale, slices.scale.view(2, 3).amax(1))
     torch.testing.assert_close(slabs.kspace * slabs.scale.view(-1, 1, 1, 1, 1), kspace)
     assert slabs.mask.shape == (2, 1, 1, 1, W)
-    single = prepare_slabs(kspace[:, :, 0], mask, 4, multicoil=False)
+    single = prepare(kspace[:, :, 0], mask, 4, multicoil=False)
     assert single.sensitivities is None and single.mask.shape == (2, 1, 1, W)
