@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -214,11 +215,17 @@ def reconstruct_file(
                         progress()
             return torch.cat(outputs), torch.cat(baselines)
 
+        @cache
+        def whole_volume() -> tuple[Tensor, Measurement]:
+            """The masked k-space and measurement of every slice, made once: an
+            out-of-memory retry with fewer slabs per batch reuses them."""
+            kspace = torch.stack([f.kspace(i) for i in range(f.num_slices)]) * mask
+            return kspace, prepare(kspace, mask, num_low, f.multicoil, settings.sensitivities)
+
         def run_slabs(batch_size: int) -> tuple[Tensor, Tensor]:
             from .slabs import reconstruct_volume_in_slabs
 
-            kspace = torch.stack([f.kspace(i) for i in range(f.num_slices)]) * mask
-            measurement = prepare(kspace, mask, num_low, f.multicoil, settings.sensitivities)
+            kspace, measurement = whole_volume()
             images = reconstruct_volume_in_slabs(
                 model,
                 kspace,
