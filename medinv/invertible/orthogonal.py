@@ -37,7 +37,9 @@ def orthogonal_matrix(theta: Tensor, parametrization: Parametrization) -> Tensor
         return torch.linalg.matrix_exp(skew)
     if parametrization == "cayley":
         eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
-        return torch.linalg.solve(eye - skew, eye + skew)
+        # I - S is invertible for every skew-symmetric S (its eigenvalues are 1 - i*lambda),
+        # so the solve skips its error check, which would make the host wait for a GPU.
+        return torch.linalg.solve_ex(eye - skew, eye + skew, check_errors=False)[0]
     raise ValueError(f"unknown parametrization {parametrization!r}; choose from {PARAMETRIZATIONS}")
 
 
@@ -162,14 +164,27 @@ def _flat_view(t: Tensor) -> Tensor | None:
         return None
 
 
+#: In-place mixing goes a slab of positions at a time, so that its temporary is a small
+#: part of the state; slabs are at least this large, so small states go in one kernel.
+MIN_SLAB_BYTES = 4 * 2**20
+
+
+def _slab_positions(flat: Tensor, chunks: int) -> int:
+    """Positions per slab of ``flat`` ``(B, C, N)``: ``N / chunks``, or ``MIN_SLAB_BYTES``
+    worth where that is more."""
+    n = flat.shape[-1]
+    per_position = flat.shape[0] * flat.shape[1] * flat.element_size()
+    return max(1, -(-n // chunks), MIN_SLAB_BYTES // per_position)
+
+
 def _mix_in_place(x: Tensor, w: Tensor, chunks: int = 8) -> Tensor | None:
-    """``x`` mixed by ``W`` (as :func:`_mix_channels`) in its own memory, a ``1/chunks``
-    slab of positions at a time; None (``x`` untouched) where its strides do not allow."""
+    """``x`` mixed by ``W`` (as :func:`_mix_channels`) in its own memory, a slab of
+    positions at a time (:func:`_slab_positions`); None (``x`` untouched) where its
+    strides do not allow."""
     flat = _flat_view(x)
     if flat is None:
         return None
-    n = flat.shape[-1]
-    step = max(1, -(-n // chunks))
+    n, step = flat.shape[-1], _slab_positions(flat, chunks)
     with torch.autocast(flat.device.type, enabled=False):
         w = w.to(flat.dtype)
         for start in range(0, n, step):
@@ -179,10 +194,9 @@ def _mix_in_place(x: Tensor, w: Tensor, chunks: int = 8) -> Tensor | None:
 
 
 def _unmix_in_place(flat_y: Tensor, flat_grad: Tensor, w_t: Tensor, chunks: int = 8) -> Tensor:
-    """In place, ``x = W^T y`` and ``grad_x = W^T grad_y`` (both ``(B, C, N)``), a
-    ``1/chunks`` slab of positions at a time; returns ``dL/dW = sum grad_y x^T``."""
-    n = flat_y.shape[-1]
-    step = max(1, -(-n // chunks))
+    """In place, ``x = W^T y`` and ``grad_x = W^T grad_y`` (both ``(B, C, N)``), a slab of
+    positions at a time (:func:`_slab_positions`); returns ``dL/dW = sum grad_y x^T``."""
+    n, step = flat_y.shape[-1], _slab_positions(flat_y, chunks)
     with torch.autocast(flat_y.device.type, enabled=False):
         w_t = w_t.to(flat_y.dtype)
         grad_w = flat_y.new_zeros(w_t.shape)
@@ -190,7 +204,8 @@ def _unmix_in_place(flat_y: Tensor, flat_grad: Tensor, w_t: Tensor, chunks: int 
             y_slab = flat_y[..., start : start + step]
             grad_slab = flat_grad[..., start : start + step]
             x_slab = w_t @ y_slab
-            grad_w += (grad_slab @ x_slab.mT).sum(0)
+            for grad_b, x_b in zip(grad_slab, x_slab, strict=True):
+                grad_w.addmm_(grad_b, x_b.mT)  # one kernel; no (B, C, C) temporary
             y_slab.copy_(x_slab)
             del x_slab
             grad_slab.copy_(w_t @ grad_slab)

@@ -114,6 +114,21 @@ def test_parametrizations_are_orthogonal(parametrization):
     torch.testing.assert_close(k @ k.mT, torch.eye(8).expand(3, 8, 8), rtol=0, atol=1e-6)
 
 
+def test_cayley_matches_the_explicit_inverse_and_its_gradient():
+    """W = (I - S)^-1 (I + S), against an explicit inverse, values and gradients."""
+    torch.manual_seed(0)
+    theta = torch.randn(3, 5, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 5, 5, dtype=torch.float64)
+    eye = torch.eye(5, dtype=torch.float64)
+    skew = theta - theta.mT
+    expected = torch.linalg.inv(eye - skew) @ (eye + skew)
+    w = orthogonal_matrix(theta, "cayley")
+    torch.testing.assert_close(w, expected)
+    (grad,) = torch.autograd.grad((w * weights).sum(), theta)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), theta)
+    torch.testing.assert_close(grad, expected_grad)
+
+
 @pytest.mark.parametrize("init", ["random", "identity"])
 def test_identity_init_and_random_init(init):
     torch.manual_seed(0)
@@ -225,13 +240,16 @@ def test_swapped_coupling_reads_the_second_half_and_updates_the_first():
     assert (y[:, :1] - x[:, :1]).abs().max() > 1e-3
 
 
-def test_orthogonal_backward_in_place_and_copying_agree():
-    """The engine's buffers are mixed in place, slab by slab; a state whose strides allow
-    no (B, C, positions) view is mixed into new tensors. Both give W^T y, W^T grad_y and
-    the same parameter gradient."""
-    from medinv.invertible import OrthogonalConv
+@pytest.mark.parametrize("min_slab_bytes", [0, None], ids=["eight-slabs", "one-slab"])
+def test_orthogonal_backward_in_place_and_copying_agree(monkeypatch, min_slab_bytes):
+    """The engine's buffers are mixed in place, slab by slab (small states in one slab);
+    a state whose strides allow no (B, C, positions) view is mixed into new tensors. All
+    give W^T y, W^T grad_y and the same parameter gradient."""
+    from medinv.invertible import OrthogonalConv, orthogonal
     from medinv.invertible.orthogonal import orthogonal_weight
 
+    if min_slab_bytes is not None:
+        monkeypatch.setattr(orthogonal, "MIN_SLAB_BYTES", min_slab_bytes)
     torch.manual_seed(0)
     block = OrthogonalConv(4).double()
     params = [block.theta]
@@ -252,3 +270,19 @@ def test_orthogonal_backward_in_place_and_copying_agree():
         mixed = torch.einsum("ij,bj...->bi...", orthogonal_weight(theta, "exp"), expected_x)
         (expected_theta,) = torch.autograd.grad(mixed, theta, grad)
         torch.testing.assert_close(grad_theta, expected_theta)
+
+
+@pytest.mark.parametrize("min_slab_bytes", [0, None], ids=["eight-slabs", "one-slab"])
+def test_orthogonal_forward_in_place_matches(monkeypatch, min_slab_bytes):
+    from medinv.invertible import orthogonal
+
+    if min_slab_bytes is not None:
+        monkeypatch.setattr(orthogonal, "MIN_SLAB_BYTES", min_slab_bytes)
+    torch.manual_seed(0)
+    block = OrthogonalConv(4).double()
+    x = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        expected = block(x)
+        out = block.forward_in_place(x)
+    assert out.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(out, expected)
