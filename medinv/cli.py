@@ -7,6 +7,7 @@ and the error path stay fast.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -485,6 +486,14 @@ def train_reconstruct(
     resume: Annotated[bool, typer.Option(help="Continue from --out/last.pt.")] = False,
     device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Start afresh in a used run folder.")] = False,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget, e.g. 16GiB or auto: each step of train.batch_size runs in "
+            "the largest micro-batches that fit, gradients summed (sets "
+            "train.micro_batch_size)."
+        ),
+    ] = None,
 ) -> None:
     """Train an i-RIM (or the RIM baseline) on fully sampled fastMRI-style files.
 
@@ -492,13 +501,16 @@ def train_reconstruct(
 
     Writes last.pt, best.pt (best validation SSIM), metrics.csv and TensorBoard logs.
 
+    --gpu-memory 16GiB: planned for the largest training slice (3D models: slab) before
+    training starts; stops with a clear message where not even one fits.
+
     Under torchrun (python -m torch.distributed.run ... -m medinv train ...) it trains with DDP.
 
     Example: medinv train reconstruct --config configs/irim_multicoil.yaml --out runs/irim
     """
     from medinv.errors import InputError
     from medinv.training.config import load_config
-    from medinv.training.distributed import finish, from_environment
+    from medinv.training.distributed import finish, from_environment, smallest
     from medinv.training.reconstruction import train_reconstruction
 
     settings = load_config(config, task="reconstruct")
@@ -509,6 +521,16 @@ def train_reconstruct(
             raise InputError(f"{folder}: no .h5 files (see `medinv data kspace`)")
     job, torch_device = from_environment(_torch_device(device))
     main = job is None or job.is_main
+    if gpu_memory is not None:
+        micro, plan = _plan_micro_batch(settings, torch_device, gpu_memory)
+        t = settings.train
+        t.micro_batch_size = smallest(micro, job)  # every process runs the same passes
+        if main:
+            print(
+                f"memory planner: {plan.describe()}; steps of {t.batch_size} in "
+                f"{t.accumulation} pass{'es' if t.accumulation > 1 else ''} of "
+                f"{t.micro_batch_size}"
+            )
     if main:
         kind, challenge = settings.model.kind, settings.data.challenge
         print(f"{kind} on {challenge} data {_job_name(job, device)}")
@@ -790,8 +812,10 @@ def plan(
         if len(size) not in (3, 4):
             raise InputError(f"--shape {shape}: a reconstructor needs slices,[coils,]height,width")
         slab = int(((trained or {}).get("data") or {}).get("slab") or 8)
-        result = planner.plan_reconstruction(size, mode, slab=slab)
-        calibration = planner.calibration(mode, "fp32", size[1] if len(size) == 4 else None)
+        amp = (trained or {}).get("train", {}).get("amp", "none")
+        chosen = "fp32" if inference else precision or {"none": "fp32"}.get(amp, amp)
+        result = planner.plan_reconstruction(size, mode, slab=slab, precision=chosen)
+        calibration = planner.calibration(mode, chosen, size[1] if len(size) == 4 else None)
         rows = [("slice batch", str(result.batch_size))]
         if result.slab is not None:
             rows = [("slab", f"{result.slab} slices"), ("slab batch", str(result.batch_size))]
@@ -879,6 +903,43 @@ def _plan_training_crop(settings, cases: list[dict], device, gpu_memory: str):
             f"--gpu-memory {gpu_memory}: no training crop fits ({crops.describe()})"
         )
     return crops
+
+
+def _plan_micro_batch(settings, device, gpu_memory: str):
+    """The largest divisor of ``train.batch_size`` whose training step fits for the
+    training set's largest slice (3D models: slab), with its plan; a
+    :class:`ResourceError` where not even one fits."""
+    from medinv.errors import ResourceError
+    from medinv.models import build_model
+    from medinv.mri.io import KSpaceFile
+
+    d, t, m = settings.data, settings.train, settings.model
+    shapes = []
+    for path in sorted(d.train.glob("*.h5")):
+        with KSpaceFile(path) as f:
+            shapes.append(f.shape)
+    height, width = max((s[-2:] for s in shapes), key=math.prod)
+    coils = [max(s[1] for s in shapes)] if len(shapes[0]) == 4 else []
+    items = "slab" if m.dim == 3 else "slice"
+    slices = t.batch_size * (d.slab if m.dim == 3 else 1)  # room for batch_size items
+    precision = {"none": "fp32"}.get(t.amp, t.amp)
+    planner = _planner(build_model(m.kind, m.kwargs()), device, gpu_memory)
+
+    def plan(most: int):
+        shape = (slices, *coils, height, width)
+        return planner.plan_reconstruction(shape, "train", most, d.slab, precision=precision)
+
+    fitted = plan(t.batch_size)
+    if not fitted.fits:
+        coil_text = f"{coils[0]} coils, " if coils else ""
+        raise ResourceError(
+            f"--gpu-memory {gpu_memory}: one training {items} ({coil_text}{height}x{width}"
+            f"{f', {d.slab} slices' if m.dim == 3 else ''}) does not fit ({fitted.describe()}); "
+            "try train.amp bf16 or fewer model.state_channels or hidden_channels"
+            + (", or a smaller data.slab" if m.dim == 3 else "")
+        )
+    micro = max(n for n in range(1, fitted.batch_size + 1) if t.batch_size % n == 0)
+    return micro, plan(micro)
 
 
 def _model_for_planning(spec: str) -> tuple[Any, dict]:

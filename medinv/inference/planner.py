@@ -216,10 +216,12 @@ class Planner:
         max_batch: int | None = None,
         slab: int = 8,
         overlap: int = 0,
+        precision: str = "fp32",
     ) -> ReconstructionPlan:
         """The largest batch (at most ``max_batch``) for a file of ``shape``
         ``(slices, [coils,] H, W)``: of slices for a 2D model, of the volume's slabs of
-        ``slab`` slices (consecutive slabs sharing ``overlap``) for a 3D one."""
+        ``slab`` slices (consecutive slabs sharing ``overlap``) for a 3D one; ``precision``
+        (fp32, bf16 or fp16 autocast) of a training step."""
         shape = tuple(shape)
         if not isinstance(self.work, Reconstructor):
             raise InputError("this model is a segmenter; plan volumes for it instead")
@@ -234,16 +236,21 @@ class Planner:
         cap = max(1, min(items, max_batch or items))
         batch = cap
         if self.limit is not None:
-            calibration = self._reconstruction_calibration(shape, mode)
+            calibration = self._reconstruction_calibration(shape, mode, precision)
             room = self.limit - calibration.resident - calibration.intercept
             per_item = calibration.slope * (depth or 1) * math.prod(shape[-2:])
             batch = int(min(cap, max(1, room // per_item))) if per_item > 0 else cap
-        return self._reconstruction(shape, batch, mode, depth)
+        return self._reconstruction(shape, batch, mode, depth, precision)
 
     def _reconstruction(
-        self, shape, batch: int, mode: Mode = "inference", slab: int | None = None
+        self,
+        shape,
+        batch: int,
+        mode: Mode = "inference",
+        slab: int | None = None,
+        precision: str = "fp32",
     ) -> ReconstructionPlan:
-        calibration = self._reconstruction_calibration(shape, mode)
+        calibration = self._reconstruction_calibration(shape, mode, precision)
         units = batch * (slab or 1) * math.prod(shape[-2:])
         return ReconstructionPlan(
             predicted_peak=calibration.resident + calibration.step_peak(units),
@@ -251,10 +258,11 @@ class Planner:
             shape=shape,
             batch_size=batch,
             slab=slab,
+            precision=precision,
         )
 
-    def _reconstruction_calibration(self, shape, mode: Mode) -> Calibration:
-        return self.calibration(mode, "fp32", shape[1] if len(shape) == 4 else None)
+    def _reconstruction_calibration(self, shape, mode: Mode, precision: str) -> Calibration:
+        return self.calibration(mode, precision, shape[1] if len(shape) == 4 else None)
 
     def plan_training_crop(
         self, shape: Sequence[int], batch_size: int = 1, precision: str = "fp32"
@@ -288,7 +296,9 @@ class Planner:
         if isinstance(plan, ReconstructionPlan):
             if plan.batch_size == 1:
                 return None
-            return self._reconstruction(plan.shape, plan.batch_size // 2, slab=plan.slab)
+            return self._reconstruction(
+                plan.shape, plan.batch_size // 2, slab=plan.slab, precision=plan.precision
+            )
         stride = self._segmenter().stride
         padded, floor, smallest = self._bounds(plan.shape)
         roi, on_cpu, precision = plan.roi_size, plan.stitch_on_cpu, plan.precision

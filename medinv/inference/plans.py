@@ -117,6 +117,7 @@ class ReconstructionPlan(Plan):
     shape: tuple[int, ...]
     batch_size: int
     slab: int | None = None
+    precision: str = "fp32"
 
     @property
     def kind(self) -> str:
@@ -125,7 +126,7 @@ class ReconstructionPlan(Plan):
         return kind if self.slab is None else f"{kind} of {self.slab} slices"
 
     def describe(self) -> str:
-        return f"{self.kind}, fp32: {self._peak()}"
+        return f"{self.kind}, {self.precision}: {self._peak()}"
 
 
 @dataclass(frozen=True)

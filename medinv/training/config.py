@@ -148,7 +148,14 @@ class ReconstructionModel(_Strict):
 
 class ReconstructionTraining(_Strict):
     epochs: int = Field(20, ge=1)
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, description="slices (or slabs) per optimizer step")
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="slices (or slabs) per forward and backward pass, a divisor of "
+        "batch_size: the gradients of batch_size / micro_batch_size passes are summed "
+        "before each optimizer step; None: batch_size",
+    )
     steps_per_epoch: int | None = Field(None, ge=1, description="cap; None: one pass")
     time_budget_minutes: float | None = Field(None, gt=0)
     lr: float = Field(1e-4, gt=0)
@@ -161,6 +168,20 @@ class ReconstructionTraining(_Strict):
     val_interval: int = Field(1, ge=1)
     seed: int = 0
     num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _micro_batches_divide(self) -> ReconstructionTraining:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} does not divide batch_size "
+                f"{self.batch_size}"
+            )
+        return self
+
+    @property
+    def accumulation(self) -> int:
+        """Forward and backward passes per optimizer step."""
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
 
 
 class ReconstructionConfig(_Strict):

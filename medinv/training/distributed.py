@@ -84,6 +84,15 @@ def agree(flag: bool, job: Distributed | None) -> bool:
     return bool(value.item())
 
 
+def smallest(value: int, job: Distributed | None) -> int:
+    """The smallest of the processes' ``value`` (e.g. a micro-batch each one planned)."""
+    if job is None:
+        return value
+    tensor = torch.tensor([value])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def finish(job: Distributed | None) -> None:
     if job is not None and dist.is_initialized():
         dist.barrier()

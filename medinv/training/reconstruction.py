@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 from monai.losses import SSIMLoss
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, default_collate
 
 from medinv.data.kspace_transforms import KSpaceMaskd, KSpaceSliceDataset
@@ -157,9 +159,10 @@ def train_reconstruction(
     train_ds = slice_dataset(d.train, config, fixed_masks=False, stride=d.slab_stride)
     generator = torch.Generator().manual_seed(t.seed)
     train_sampler = sampler(train_ds, job, t.seed)
+    micro_batch, accumulation = t.micro_batch_size or t.batch_size, t.accumulation
     loader = DataLoader(
         train_ds,
-        batch_size=t.batch_size,
+        batch_size=micro_batch,
         shuffle=train_sampler is None,
         sampler=train_sampler,
         num_workers=t.num_workers,
@@ -167,20 +170,29 @@ def train_reconstruction(
         collate_fn=_collate,
         worker_init_fn=_seed_worker_masks,
     )
+    ddp = isinstance(net, DistributedDataParallel)
     for epoch in run.epochs(train_sampler):
         losses = []
-        for batch in run.batches(loader, epoch, progress):
+        count = run.batch_count(loader, accumulation)
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(run.batches(loader, epoch, progress, accumulation)):
             measurement = _measure(batch, config).to(device)
             target = batch["target"].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with run.autocast():
-                estimates = _estimates(net, kind, measurement)
-            losses_t = [
-                loss_fn(magnitude_crop(e, target.shape[-2:]).float(), target) for e in estimates
-            ]
-            loss = torch.stack(losses_t).mean()
-            run.step(loss)
+            # Step after every accumulation-th micro-batch and after the epoch's last; in a
+            # multi-process job gradients are averaged over the processes only then.
+            stepping = (i + 1) % accumulation == 0 or i + 1 == count
+            with nullcontext() if stepping or not ddp else net.no_sync():
+                with run.autocast():
+                    estimates = _estimates(net, kind, measurement)
+                losses_t = [
+                    loss_fn(magnitude_crop(e, target.shape[-2:]).float(), target) for e in estimates
+                ]
+                loss = torch.stack(losses_t).mean()
+                run.backward(loss / accumulation)
             losses.append(loss.item())
+            if stepping:
+                run.update()
+                optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         row = run.epoch_row(epoch + 1, losses)
         if d.val is not None and run.validation_due(epoch) and run.main:

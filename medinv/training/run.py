@@ -75,7 +75,15 @@ class TrainingRun:
 
     def step(self, loss: torch.Tensor) -> None:
         """Backward, gradient clipping and optimizer step, with fp16 loss scaling."""
+        self.backward(loss)
+        self.update()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward (with fp16 loss scaling): the gradients add to those already there."""
         self.scaler.scale(loss).backward()
+
+    def update(self) -> None:
+        """Gradient clipping and the optimizer step on the gradients summed so far."""
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -96,18 +104,26 @@ class TrainingRun:
             yield epoch
 
     def batches(
-        self, loader: Iterable, epoch: int, progress: Callable[[str, int, int], None] | None
+        self,
+        loader: Iterable,
+        epoch: int,
+        progress: Callable[[str, int, int], None] | None,
+        per_step: int = 1,
     ) -> Iterator[Any]:
-        """The epoch's batches, at most ``train.steps_per_epoch``; ``progress`` is told
-        after each."""
-        t = self.config.train
-        steps = min(len(loader), t.steps_per_epoch or len(loader))
+        """The epoch's batches, at most ``train.steps_per_epoch`` optimizer steps of
+        ``per_step`` batches each; ``progress`` is told after each batch."""
+        steps = self.batch_count(loader, per_step)
         for step, batch in enumerate(loader):
             if step == steps:
                 break
             yield batch
             if progress:
-                progress(f"epoch {epoch + 1}/{t.epochs}", step + 1, steps)
+                progress(f"epoch {epoch + 1}/{self.config.train.epochs}", step + 1, steps)
+
+    def batch_count(self, loader: Iterable, per_step: int = 1) -> int:
+        """How many batches :meth:`batches` yields per epoch."""
+        cap = self.config.train.steps_per_epoch
+        return min(len(loader), cap * per_step) if cap else len(loader)
 
     def validation_due(self, epoch: int) -> bool:
         """Every ``train.val_interval`` epochs, and after the last."""

@@ -281,3 +281,50 @@ def test_train_segment_with_a_memory_budget_trains_on_the_planned_crops(tmp_path
     assert all(n % 4 == 0 for n in crop) and crop != [16, 16, 16]
     saved = torch.load(run / "last.pt", weights_only=True)["config"]["data"]["roi_size"]
     assert list(saved) == crop
+
+
+def test_train_reconstruct_with_a_memory_budget_runs_steps_in_micro_batches(tmp_path):
+    """A budget between the predicted peaks of 2 and 3 slices: steps of 4 slices run in
+    two passes of 2; a budget below one slice stops before training with a clear error."""
+    import yaml
+
+    from medinv.models import build_model
+
+    root = tiny_kspace_set(tmp_path, 6, {"train": 1, "val": 0, "test": 0}, slices=4)
+    model = {"state_channels": 4, "steps": 1, "layers_per_step": 1, "dilations": [1]}
+    model["hidden_channels"] = 4
+    config = tmp_path / "irim.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "task": "reconstruct",
+                "data": {"train": str(root / "multicoil_train")},
+                "model": {"kind": "irim", **model},
+                "train": {"epochs": 1, "batch_size": 4},
+            }
+        )
+    )
+    calibration = Planner(build_model("irim", model), CPU, None).calibration("train", "fp32", 4)
+    (file,) = (root / "multicoil_train").glob("*.h5")
+    with h5py.File(file) as f:
+        height, width = f["kspace"].shape[-2:]
+
+    def peak(slices: int) -> int:
+        return calibration.resident + calibration.step_peak(slices * height * width)
+
+    between = int((peak(2) + peak(3)) / 2 / 0.9)  # the planner keeps a 10% margin
+    run = tmp_path / "run"
+    args = ["train", "reconstruct", "--config", str(config), "--out", str(run), "--device", "cpu"]
+    result = runner.invoke(cli.app, [*args, "--gpu-memory", str(between)])
+    assert result.exit_code == 0, result.output
+    assert "memory planner: batches of 2 slices" in result.stdout
+    assert "steps of 4 in 2 passes of 2" in result.stdout
+    saved = torch.load(run / "last.pt", weights_only=True)["config"]["train"]
+    assert saved["batch_size"] == 4 and saved["micro_batch_size"] == 2
+
+    too_small = runner.invoke(
+        cli.app, [*args, "--overwrite", "--gpu-memory", str(int(peak(1) / 2))]
+    )
+    assert isinstance(too_small.exception, ResourceError)
+    message = f"one training slice (4 coils, {height}x{width}) does not fit"
+    assert message in str(too_small.exception)

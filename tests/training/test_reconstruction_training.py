@@ -84,3 +84,48 @@ def test_prepare_scales_each_slice_and_zero_filled_undoes_it():
     torch.testing.assert_close(
         (m.sensitivities.abs() ** 2).sum(1), torch.ones(2, 16, 12), rtol=1e-4, atol=1e-4
     )
+
+
+def _one_step_config(root, micro_batch_size):
+    config = _config(root, 1).model_dump()
+    config["data"].update(accelerations=[4], center_fractions=[0.08], val=None)
+    config["train"].update(batch_size=4, micro_batch_size=micro_batch_size, steps_per_epoch=1)
+    return ReconstructionConfig.model_validate(config)
+
+
+def test_micro_batches_sum_to_the_gradient_of_the_whole_batch(tmp_path, monkeypatch):
+    """One optimizer step of 4 slices in passes of 4, 2 or 1 (one acceleration, so every
+    slice has the same calibration lines): the gradient the optimizer sees is the same."""
+    from medinv.training.run import TrainingRun
+
+    root = tiny_kspace_set(tmp_path, 4, {"train": 2, "val": 0, "test": 0})
+    monkeypatch.setattr(reconstruction, "build_model", lambda kind, kwargs: ScaledZeroFilled())
+    seen = []
+    update = TrainingRun.update
+
+    def recording_update(run):
+        seen.append(run.model.a.grad.clone())
+        update(run)
+
+    monkeypatch.setattr(TrainingRun, "update", recording_update)
+    gradients = {}
+    for micro in (None, 2, 1):
+        config = _one_step_config(root, micro)
+        assert config.train.accumulation == 4 // (micro or 4)
+        seen.clear()
+        reconstruction.train_reconstruction(config, tmp_path / f"micro{micro}", torch.device("cpu"))
+        (gradients[micro],) = seen  # one optimizer step
+    assert gradients[None].abs() > 1e-6
+    for micro in (2, 1):
+        torch.testing.assert_close(gradients[micro], gradients[None], rtol=1e-5, atol=1e-8)
+
+
+def test_micro_batch_must_divide_the_batch():
+    with pytest.raises(ValueError, match="does not divide"):
+        ReconstructionConfig.model_validate(
+            {
+                "task": "reconstruct",
+                "data": {"train": "x"},
+                "train": {"batch_size": 4, "micro_batch_size": 3},
+            }
+        )
