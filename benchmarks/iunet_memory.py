@@ -315,7 +315,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budgets", type=int, nargs="+", default=[16, 32], help="GiB (fit)")
     parser.add_argument("--no-peer", action="store_true", help="measure medinv only")
-    parser.add_argument("--out", type=Path, help="folder for <part>.csv and README.md")
+    parser.add_argument("--out", type=Path, help="folder for <part>.csv and <part>.md")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:  # the memory cap needs an index
@@ -330,16 +330,20 @@ def main() -> None:
     for part in args.parts:
         tables[part] = runners[part](args, device)
 
-    sections = [f"# iUNet memory: medinv vs iunets 0.1 (memcnn 1.5.2)\n\n{header(device)}"]
-    for part, table in tables.items():
-        sections.append(f"## {part}\n\n" + table.to_markdown(index=False, floatfmt=".3f"))
-    text = "\n\n".join(sections)
-    print(text)
+    title = "# iUNet memory: medinv vs iunets 0.1 (memcnn 1.5.2)"
+    texts = {
+        part: f"{title}: {part}\n\n{header(device)}\n\n"
+        + table.to_markdown(index=False, floatfmt=".3f")
+        for part, table in tables.items()
+    }
+    print("\n\n".join(texts.values()))
     if args.out:
+        # One table and one markdown file per part, so that rerunning a part leaves the
+        # others (and the folder's README, which compares runs) as they are.
         args.out.mkdir(parents=True, exist_ok=True)
         for part, table in tables.items():
             table.to_csv(args.out / f"{part}.csv", index=False)
-        (args.out / "README.md").write_text(text + "\n")
+            (args.out / f"{part}.md").write_text(texts[part] + "\n")
 
 
 if __name__ == "__main__":
