@@ -120,6 +120,8 @@ def main() -> None:
             "ops": work.calls.sum(),
         }
         if device.type == "cuda":
+            launches = table.calls[table.index.str.contains("LaunchKernel")].sum()
+            row.update({"kernel launches": launches})
             row.update({wait: table.calls.get(wait, 0.0) for wait in WAITS})
         summary.append(row)
     summary = pd.DataFrame(summary)
