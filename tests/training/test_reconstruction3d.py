@@ -188,3 +188,23 @@ def test_medinv_reconstruct_runs_a_3d_checkpoint_slab_by_slab(kspace_set, tmp_pa
     expected = magnitude_crop(reconstruct_volume_in_slabs(model, kspace, mask, maps, SLAB), shape)
     assert written.shape == (SLICES, *shape)
     torch.testing.assert_close(written, expected.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_train_reconstruct_plans_micro_batches_of_slabs_for_a_3d_model(kspace_set, tmp_path):
+    """With a budget, a 3D recipe's steps of 4 slabs are planned as slabs of the config's
+    depth (here all four fit at once) and train."""
+    from typer.testing import CliRunner
+
+    from medinv import cli
+
+    raw = _raw(kspace_set, epochs=1)
+    raw["train"]["batch_size"] = 4
+    path = tmp_path / "irim3d.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    args = ["train", "reconstruct", "--config", str(path), "--out", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(cli.app, [*args, "--gpu-memory", "1GiB"])
+    assert result.exit_code == 0, result.output
+    assert f"memory planner: batches of 4 slabs of {SLAB} slices" in result.stdout
+    assert "steps of 4 in 1 pass of 4" in result.stdout
+    assert (out / "best.pt").is_file()
