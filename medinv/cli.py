@@ -62,6 +62,15 @@ GPU_MEMORY_HELP = (
     "sizes the work to fit it, per case, and retries smaller plans if memory runs out."
 )
 
+# Options several commands share.
+DeviceOption = Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")]
+ConfigOption = Annotated[Path, typer.Option("--config", help="YAML training config.")]
+ResumeOption = Annotated[bool, typer.Option(help="Continue from --out/last.pt.")]
+FreshRunOption = Annotated[bool, typer.Option(help="Start afresh in a used run folder.")]
+RunFolderOption = Annotated[
+    Path, typer.Option("--out", help="Run folder: checkpoints, metrics.csv, logs.")
+]
+
 _PACKAGES = ("torch", "monai", "numpy", "nibabel", "SimpleITK", "h5py")
 
 
@@ -323,11 +332,11 @@ def evaluate_segmentation(
 
 @train_app.command("segment")
 def train_segment(
-    config: Annotated[Path, typer.Option("--config", help="YAML training config.")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints and metrics.csv.")],
-    resume: Annotated[bool, typer.Option(help="Continue from --out/last.pt.")] = False,
-    device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Start afresh in a used run folder.")] = False,
+    config: ConfigOption,
+    out: RunFolderOption,
+    resume: ResumeOption = False,
+    device: DeviceOption = "auto",
+    overwrite: FreshRunOption = False,
     gpu_memory: Annotated[
         str | None,
         typer.Option(
@@ -350,7 +359,7 @@ def train_segment(
     """
     from medinv.errors import InputError
     from medinv.training.config import load_config
-    from medinv.training.distributed import finish, from_environment
+    from medinv.training.distributed import from_environment
     from medinv.training.segmentation import split_cases, train_segmentation
 
     settings = load_config(config, task="segment")
@@ -368,21 +377,21 @@ def train_segment(
             print(f"memory planner: {crops.describe()}")
     if main:
         print(f"{len(train)} training and {len(val)} validation cases; {_job_name(job, device)}")
-    with _progress(None, "training") as report:
-        history = train_segmentation(
+    _run_training(
+        job,
+        out,
+        lambda progress: train_segmentation(
             settings,
             train,
             val,
             out,
             torch_device,
             resume=resume,
-            progress=(lambda w, step, total: report(f"{w}: step {step}/{total}")) if main else None,
+            progress=progress,
             convention=convention,
             job=job,
-        )
-    finish(job)
-    if main:
-        _print_history(history, out)
+        ),
+    )
 
 
 @app.command()
@@ -413,7 +422,7 @@ def segment(
     et_label: Annotated[
         int | None, typer.Option(help="Enhancing-tumour label of the inputs (4 or 3).")
     ] = None,
-    device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
+    device: DeviceOption = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     shard: Annotated[str | None, typer.Option(help=SHARD_HELP)] = None,
     gpu_memory: Annotated[str | None, typer.Option(help=GPU_MEMORY_HELP)] = None,
@@ -481,11 +490,11 @@ def segment(
 
 @train_app.command("reconstruct")
 def train_reconstruct(
-    config: Annotated[Path, typer.Option("--config", help="YAML training config.")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, metrics.csv, logs.")],
-    resume: Annotated[bool, typer.Option(help="Continue from --out/last.pt.")] = False,
-    device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Start afresh in a used run folder.")] = False,
+    config: ConfigOption,
+    out: RunFolderOption,
+    resume: ResumeOption = False,
+    device: DeviceOption = "auto",
+    overwrite: FreshRunOption = False,
     gpu_memory: Annotated[
         str | None,
         typer.Option(
@@ -510,7 +519,7 @@ def train_reconstruct(
     """
     from medinv.errors import InputError
     from medinv.training.config import load_config
-    from medinv.training.distributed import finish, from_environment, smallest
+    from medinv.training.distributed import from_environment, smallest
     from medinv.training.reconstruction import train_reconstruction
 
     settings = load_config(config, task="reconstruct")
@@ -534,18 +543,13 @@ def train_reconstruct(
     if main:
         kind, challenge = settings.model.kind, settings.data.challenge
         print(f"{kind} on {challenge} data {_job_name(job, device)}")
-    with _progress(None, "training") as report:
-        history = train_reconstruction(
-            settings,
-            out,
-            torch_device,
-            resume=resume,
-            progress=(lambda w, step, total: report(f"{w}: step {step}/{total}")) if main else None,
-            job=job,
-        )
-    finish(job)
-    if main:
-        _print_history(history, out)
+    _run_training(
+        job,
+        out,
+        lambda progress: train_reconstruction(
+            settings, out, torch_device, resume=resume, progress=progress, job=job
+        ),
+    )
 
 
 @app.command()
@@ -576,7 +580,7 @@ def reconstruct(
         typer.Option(help="Folder of fully sampled files of the same names holding targets."),
     ] = None,
     preview: Annotated[bool, typer.Option(help="Also write PNGs of the middle slice.")] = False,
-    device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
+    device: DeviceOption = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     shard: Annotated[str | None, typer.Option(help=SHARD_HELP)] = None,
     gpu_memory: Annotated[str | None, typer.Option(help=GPU_MEMORY_HELP)] = None,
@@ -775,7 +779,7 @@ def plan(
             "train: the config's amp."
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Plan how a model runs on an input of a given size within a memory budget.
 
@@ -903,6 +907,20 @@ def _plan_training_crop(settings, cases: list[dict], device, gpu_memory: str):
             f"--gpu-memory {gpu_memory}: no training crop fits ({crops.describe()})"
         )
     return crops
+
+
+def _run_training(job, out: Path, train: Callable[[Any], Any]) -> None:
+    """``train(progress)`` with a progress bar on the main process (the others train
+    quietly), then the job's end and, on the main process, its last epochs."""
+    from medinv.training.distributed import finish
+
+    main = job is None or job.is_main
+    with _progress(None, "training") as report:
+        progress = (lambda w, step, total: report(f"{w}: step {step}/{total}")) if main else None
+        history = train(progress)
+    finish(job)
+    if main:
+        _print_history(history, out)
 
 
 def _plan_micro_batch(settings, device, gpu_memory: str):
