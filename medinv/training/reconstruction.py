@@ -195,9 +195,11 @@ def train_reconstruction(
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         row = run.epoch_row(epoch + 1, losses)
-        if d.val is not None and run.validation_due(epoch) and run.main:
+        last = agree(run.budget_used(row), job)  # the time budget ends the run here
+        if d.val is not None and (run.validation_due(epoch) or last) and run.main:
             row.update(validate(model, config, device))
-        if agree(run.end_epoch(row, row.get("SSIM", -row["loss"])), job):
+        run.end_epoch(row, row.get("SSIM", -row["loss"]))
+        if last:
             break
     return run.close()
 

@@ -24,10 +24,10 @@ class TrainingRun:
         out_dir: the run folder.
         kind, model_config: how :func:`medinv.models.build_model` rebuilds the model.
         config: the validated training config (stored in checkpoints); from its ``train``
-            section: ``time_budget_minutes`` (stop after the epoch in which this much
-            training time is used), ``amp`` (``"none"``, ``"bf16"`` or ``"fp16"`` with loss
-            scaling, for :meth:`autocast`) and ``grad_clip`` (the gradient norm
-            :meth:`step` clips to).
+            section: ``time_budget_minutes`` (the loops validate and stop after the epoch
+            in which this much training time is used, :meth:`budget_used`), ``amp``
+            (``"none"``, ``"bf16"`` or ``"fp16"`` with loss scaling, for :meth:`autocast`)
+            and ``grad_clip`` (the gradient norm :meth:`step` clips to).
         resume: continue from ``out_dir/last.pt`` where it exists.
         main: write files (in a multi-process job only rank 0 does; the others keep count).
     """
@@ -141,13 +141,17 @@ class TrainingRun:
             row["peak_memory_GiB"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return row
 
-    def end_epoch(self, row: dict[str, Any], score: float) -> bool:
-        """Record the epoch and save; True when the time budget is used up."""
+    def budget_used(self, row: dict[str, Any]) -> bool:
+        """Whether the time budget is used up with the epoch of ``row`` (not yet recorded):
+        the run validates this epoch, records it and stops."""
+        used = sum(r["train_seconds"] for r in [*self.history, row]) / 60
+        return self.budget is not None and used >= self.budget
+
+    def end_epoch(self, row: dict[str, Any], score: float) -> None:
+        """Record the epoch and save (``best.pt`` where ``score`` is the best so far)."""
         self.history.append(row)
-        used = sum(r["train_seconds"] for r in self.history) / 60
-        over_budget = self.budget is not None and used >= self.budget
         if not self.main:
-            return over_budget
+            return
         for key, value in row.items():
             if key != "epoch":
                 self.writer.add_scalar(key, value, row["epoch"])
@@ -172,7 +176,6 @@ class TrainingRun:
             **extra,
         )
         pd.DataFrame(self.history).to_csv(self.out_dir / "metrics.csv", index=False)
-        return over_budget
 
     def close(self) -> pd.DataFrame:
         if self.writer is not None:

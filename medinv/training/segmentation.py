@@ -136,11 +136,13 @@ def train_segmentation(
             losses.append(loss.item())
         scheduler.step()
         row = run.epoch_row(epoch + 1, losses)
-        if val_cases and run.validation_due(epoch):
+        last = agree(run.budget_used(row), job)  # the time budget ends the run here
+        if val_cases and (run.validation_due(epoch) or last):
             dice = validate(model, val_ds, config, device)
             row.update({f"dice_{r}": v for r, v in zip(REGIONS, dice, strict=True)})
             row["dice_mean"] = sum(dice) / len(dice)
-        if agree(run.end_epoch(row, row.get("dice_mean", -row["loss"])), job):
+        run.end_epoch(row, row.get("dice_mean", -row["loss"]))
+        if last:
             break
     return run.close()
 

@@ -129,3 +129,13 @@ def test_micro_batch_must_divide_the_batch():
                 "train": {"batch_size": 4, "micro_batch_size": 3},
             }
         )
+
+
+def test_the_epoch_that_uses_up_the_time_budget_is_validated(kspace_set, tmp_path, monkeypatch):
+    monkeypatch.setattr(reconstruction, "build_model", lambda kind, kwargs: ScaledZeroFilled())
+    config = _config(kspace_set, 5)
+    config.train.time_budget_minutes = 1e-6
+    config.train.val_interval = 4
+    history = reconstruction.train_reconstruction(config, tmp_path / "run", torch.device("cpu"))
+    assert list(history["epoch"]) == [1]
+    assert history["SSIM"].notna().all()

@@ -87,14 +87,18 @@ def test_checkpoint_that_is_not_ours_is_a_clear_error(tmp_path):
 
 
 def test_time_budget_stops_training_and_segresnet_baseline_trains(tmp_path):
+    """The epoch that uses up the budget is validated, whatever the interval."""
     cases = [write_case(tmp_path / "cases", f"case{i}", seed=i) for i in range(2)]
     config = _config(tmp_path, epochs=5)
     config.model.kind = "segresnet"
     config.model.channels = 8  # SegResNet normalises in groups of 8
     config.train.time_budget_minutes = 1e-6
+    config.train.val_interval = 4
     history = train_segmentation(
         config, cases[:1], cases[1:], tmp_path / "run", torch.device("cpu")
     )
     assert list(history["epoch"]) == [1]
+    assert history["dice_mean"].notna().all()
+    assert (tmp_path / "run" / "best.pt").is_file()
     model, payload = load_model(tmp_path / "run" / "last.pt")
     assert payload["kind"] == "segresnet" and type(model).__name__ == "SegResNet"
