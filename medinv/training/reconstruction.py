@@ -179,7 +179,9 @@ def train_reconstruction(
             measurement = _measure(batch, config).to(device)
             target = batch["target"].to(device)
             # Step after every accumulation-th micro-batch and after the epoch's last; in a
-            # multi-process job gradients are averaged over the processes only then.
+            # multi-process job gradients are averaged over the processes only then. Each
+            # step's gradient is the mean over its passes (the last step may have fewer).
+            passes = min(accumulation, count - i // accumulation * accumulation)
             stepping = (i + 1) % accumulation == 0 or i + 1 == count
             with nullcontext() if stepping or not ddp else net.no_sync():
                 with run.autocast():
@@ -188,7 +190,7 @@ def train_reconstruction(
                     loss_fn(magnitude_crop(e, target.shape[-2:]).float(), target) for e in estimates
                 ]
                 loss = torch.stack(losses_t).mean()
-                run.backward(loss / accumulation)
+                run.backward(loss / passes)
             losses.append(loss.item())
             if stepping:
                 run.update()

@@ -86,19 +86,20 @@ def test_prepare_scales_each_slice_and_zero_filled_undoes_it():
     )
 
 
-def _one_step_config(root, micro_batch_size):
+def _steps_config(root, micro_batch_size):
     config = _config(root, 1).model_dump()
     config["data"].update(accelerations=[4], center_fractions=[0.08], val=None)
-    config["train"].update(batch_size=4, micro_batch_size=micro_batch_size, steps_per_epoch=1)
+    config["train"].update(batch_size=4, micro_batch_size=micro_batch_size)
     return ReconstructionConfig.model_validate(config)
 
 
 def test_micro_batches_sum_to_the_gradient_of_the_whole_batch(tmp_path, monkeypatch):
-    """One optimizer step of 4 slices in passes of 4, 2 or 1 (one acceleration, so every
-    slice has the same calibration lines): the gradient the optimizer sees is the same."""
+    """Steps of 4 slices in passes of 4, 2 or 1 (one acceleration, so every slice has the
+    same calibration lines), over 6 slices: a step of 4 and a last step of 2. The gradient
+    the optimizer sees at each step is the same: the mean over the step's slices."""
     from medinv.training.run import TrainingRun
 
-    root = tiny_kspace_set(tmp_path, 4, {"train": 2, "val": 0, "test": 0})
+    root = tiny_kspace_set(tmp_path, 4, {"train": 2, "val": 0, "test": 0}, slices=3)
     monkeypatch.setattr(reconstruction, "build_model", lambda kind, kwargs: ScaledZeroFilled())
     seen = []
     update = TrainingRun.update
@@ -110,12 +111,12 @@ def test_micro_batches_sum_to_the_gradient_of_the_whole_batch(tmp_path, monkeypa
     monkeypatch.setattr(TrainingRun, "update", recording_update)
     gradients = {}
     for micro in (None, 2, 1):
-        config = _one_step_config(root, micro)
+        config = _steps_config(root, micro)
         assert config.train.accumulation == 4 // (micro or 4)
         seen.clear()
         reconstruction.train_reconstruction(config, tmp_path / f"micro{micro}", torch.device("cpu"))
-        (gradients[micro],) = seen  # one optimizer step
-    assert gradients[None].abs() > 1e-6
+        gradients[micro] = torch.stack(seen)
+    assert gradients[None].shape == (2,) and (gradients[None].abs() > 1e-6).all()
     for micro in (2, 1):
         torch.testing.assert_close(gradients[micro], gradients[None], rtol=1e-5, atol=1e-8)
 
