@@ -7,7 +7,6 @@ and the error path stay fast.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
@@ -531,9 +530,9 @@ def train_reconstruct(
     job, torch_device = from_environment(_torch_device(device))
     main = job is None or job.is_main
     if gpu_memory is not None:
-        micro, plan = _plan_micro_batch(settings, torch_device, gpu_memory)
+        plan = _plan_micro_batch(settings, torch_device, gpu_memory)
         t = settings.train
-        t.micro_batch_size = smallest(micro, job)  # every process runs the same passes
+        t.micro_batch_size = smallest(plan.batch_size, job)  # the same passes everywhere
         if main:
             print(
                 f"memory planner: {plan.describe()}; steps of {t.batch_size} in "
@@ -924,40 +923,29 @@ def _run_training(job, out: Path, train: Callable[[Any], Any]) -> None:
 
 
 def _plan_micro_batch(settings, device, gpu_memory: str):
-    """The largest divisor of ``train.batch_size`` whose training step fits for the
-    training set's largest slice (3D models: slab), with its plan; a
+    """The plan of the largest micro-batch (a divisor of ``train.batch_size``) whose
+    training step fits for the training set's largest slice (3D models: slab); a
     :class:`ResourceError` where not even one fits."""
     from medinv.errors import ResourceError
     from medinv.models import build_model
-    from medinv.mri.io import KSpaceFile
+    from medinv.training.reconstruction import largest_item_shape
 
     d, t, m = settings.data, settings.train, settings.model
-    shapes = []
-    for path in sorted(d.train.glob("*.h5")):
-        with KSpaceFile(path) as f:
-            shapes.append(f.shape)
-    height, width = max((s[-2:] for s in shapes), key=math.prod)
-    coils = [max(s[1] for s in shapes)] if len(shapes[0]) == 4 else []
-    items = "slab" if m.dim == 3 else "slice"
-    slices = t.batch_size * (d.slab if m.dim == 3 else 1)  # room for batch_size items
+    item = largest_item_shape(d.train)
     precision = {"none": "fp32"}.get(t.amp, t.amp)
     planner = _planner(build_model(m.kind, m.kwargs()), device, gpu_memory)
-
-    def plan(most: int):
-        shape = (slices, *coils, height, width)
-        return planner.plan_reconstruction(shape, "train", most, d.slab, precision=precision)
-
-    fitted = plan(t.batch_size)
-    if not fitted.fits:
-        coil_text = f"{coils[0]} coils, " if coils else ""
+    plan = planner.plan_micro_batch(item, t.batch_size, d.slab, precision)
+    if not plan.fits:
+        what = "slab" if m.dim == 3 else "slice"
+        coils = f"{item[0]} coils, " if len(item) == 3 else ""
+        depth = f", {d.slab} slices" if m.dim == 3 else ""
         raise ResourceError(
-            f"--gpu-memory {gpu_memory}: one training {items} ({coil_text}{height}x{width}"
-            f"{f', {d.slab} slices' if m.dim == 3 else ''}) does not fit ({fitted.describe()}); "
-            "try train.amp bf16 or fewer model.state_channels or hidden_channels"
+            f"--gpu-memory {gpu_memory}: one training {what} ({coils}{item[-2]}x{item[-1]}"
+            f"{depth}) does not fit ({plan.describe()}); try train.amp bf16 or fewer "
+            "model.state_channels or hidden_channels"
             + (", or a smaller data.slab" if m.dim == 3 else "")
         )
-    micro = max(n for n in range(1, fitted.batch_size + 1) if t.batch_size % n == 0)
-    return micro, plan(micro)
+    return plan
 
 
 def _model_for_planning(spec: str) -> tuple[Any, dict]:

@@ -242,6 +242,30 @@ class Planner:
             batch = int(min(cap, max(1, room // per_item))) if per_item > 0 else cap
         return self._reconstruction(shape, batch, mode, depth, precision)
 
+    def plan_micro_batch(
+        self,
+        item_shape: Sequence[int],
+        batch_size: int,
+        slab: int = 8,
+        precision: str = "fp32",
+    ) -> ReconstructionPlan:
+        """The training step's largest micro-batch that divides ``batch_size``, for items
+        of ``item_shape`` ``([coils,] H, W)``: slices of a 2D model, slabs of ``slab``
+        slices of a 3D one. Its ``batch_size`` is the micro-batch; where ``fits`` is False,
+        not even one item fits."""
+        if not isinstance(self.work, Reconstructor):
+            raise InputError("this model is a segmenter; plan training crops for it instead")
+        depth = slab if self.work.dim == 3 else 1
+        shape = (batch_size * depth, *item_shape)  # room for batch_size items
+
+        def plan(most: int) -> ReconstructionPlan:
+            return self.plan_reconstruction(shape, "train", most, slab, precision=precision)
+
+        largest = plan(batch_size)
+        if not largest.fits:
+            return largest
+        return plan(max(n for n in range(1, largest.batch_size + 1) if batch_size % n == 0))
+
     def _reconstruction(
         self,
         shape,

@@ -7,6 +7,7 @@ validation on volumes put back together from their slabs.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -21,10 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, default_collate
 
 from medinv.data.kspace_transforms import KSpaceMaskd, KSpaceSliceDataset
-from medinv.errors import ConfigError
+from medinv.errors import ConfigError, InputError
 from medinv.inference.reconstruction import Measurement, magnitude_crop, prepare
 from medinv.metrics.reconstruction import volume_metrics
 from medinv.models import build_model
+from medinv.mri.io import KSpaceFile
 from medinv.mri.masks import MaskFunc, create_mask_func
 
 from .config import ReconstructionConfig
@@ -77,6 +79,20 @@ def slice_dataset(
     return KSpaceSliceDataset(
         folder, transform=_Keep(mask_func, fixed_masks), slab=slab, stride=stride
     )
+
+
+def largest_item_shape(folder: Path) -> tuple[int, ...]:
+    """``([coils,] H, W)`` that bounds every slice of ``folder``'s files: the most coils
+    and the largest matrix (what a memory plan for training must hold)."""
+    shapes = []
+    for path in sorted(Path(folder).glob("*.h5")):
+        with KSpaceFile(path) as f:
+            shapes.append(f.shape)
+    if not shapes:
+        raise InputError(f"{folder}: no .h5 files (see `medinv data kspace`)")
+    matrix = max((s[-2:] for s in shapes), key=math.prod)
+    coils = [max(s[1] for s in shapes)] if len(shapes[0]) == 4 else []
+    return (*coils, *matrix)
 
 
 def _measure(batch: dict, config: ReconstructionConfig) -> Measurement:

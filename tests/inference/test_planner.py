@@ -153,6 +153,20 @@ def test_training_crops_and_slice_batches_are_the_largest_that_fit(iunet):
     assert not one_more.fits
 
 
+def test_micro_batch_is_the_largest_divisor_of_the_batch_that_fits():
+    torch.manual_seed(0)
+    irim = IRIM(state_channels=8, steps=2, layers_per_step=2, dilations=(1, 2), hidden_channels=8)
+    calibration = Planner(irim, CPU, None).calibration("train", "fp32", 6)
+    fixed = calibration.resident + calibration.intercept
+    item = (6, 128, 96)  # coils, height, width
+    room_for = 4.5  # slices
+    planner = Planner(irim, CPU, int((fixed + room_for * calibration.slope * 128 * 96) / 0.9))
+    assert planner.plan_micro_batch(item, batch_size=8).batch_size == 4
+    plan = planner.plan_micro_batch(item, batch_size=6)
+    assert plan.fits and plan.batch_size == 3  # 4 would fit but does not divide 6
+    assert not Planner(irim, CPU, int(fixed)).plan_micro_batch(item, batch_size=6).fits
+
+
 def test_stitching_in_cpu_memory_gives_the_same_probabilities(iunet):
     torch.manual_seed(0)
     image = torch.randn(4, *SHAPE)
