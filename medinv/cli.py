@@ -768,9 +768,16 @@ def plan(
         str, typer.Option(help="Memory budget, e.g. 16GiB, 32GB, or auto (the free memory).")
     ] = "auto",
     mode: Annotated[
-        str, typer.Option(help="inference, or train (the largest crop or slice batch).")
+        str,
+        typer.Option(help="inference, or train (the largest crop, or slice micro-batch)."),
     ] = "inference",
-    batch_size: Annotated[int, typer.Option(help="Training crops per step (train).")] = 1,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Training crops, slices or slabs per step (train); default: the config's "
+            "train.batch_size, else 1."
+        ),
+    ] = None,
     precision: Annotated[
         str | None,
         typer.Option(
@@ -786,7 +793,10 @@ def plan(
 
     Segmenters: whole volume or sliding window (ROI, windows per call, stitching), precision.
 
-    Reconstructors: the slice batch (3D models: slabs). --mode train: the largest crop or batch.
+    Reconstructors: the slice batch (3D models: slabs).
+
+    --mode train: segmenters, the largest crop; reconstructors, the largest micro-batch that
+    divides the step's batch (as train reconstruct --gpu-memory).
 
     Exits with status 4 when nothing fits.
 
@@ -806,6 +816,7 @@ def plan(
     if not size or min(size) < 1:
         raise InputError(f"--shape {shape}: expected sizes like 240,240,155")
     network, trained = _model_for_planning(model)
+    steps = batch_size or int(((trained or {}).get("train") or {}).get("batch_size") or 1)
     torch_device = _torch_device(device)
     inference = mode == "inference"
     if inference:
@@ -817,11 +828,18 @@ def plan(
         slab = int(((trained or {}).get("data") or {}).get("slab") or 8)
         amp = (trained or {}).get("train", {}).get("amp", "none")
         chosen = "fp32" if inference else precision or {"none": "fp32"}.get(amp, amp)
-        result = planner.plan_reconstruction(size, mode, slab=slab, precision=chosen)
+        if inference:
+            result = planner.plan_reconstruction(size, mode, slab=slab, precision=chosen)
+        else:
+            result = planner.plan_micro_batch(size[1:], steps, slab, chosen)
         calibration = planner.calibration(mode, chosen, size[1] if len(size) == 4 else None)
-        rows = [("slice batch", str(result.batch_size))]
-        if result.slab is not None:
-            rows = [("slab", f"{result.slab} slices"), ("slab batch", str(result.batch_size))]
+        items = "slice" if result.slab is None else "slab"
+        rows = [] if result.slab is None else [("slab", f"{result.slab} slices")]
+        rows.append((f"{items} batch", str(result.batch_size)))
+        if not inference:
+            passes = steps // result.batch_size
+            step = f"{steps} {items}{'s' if steps > 1 else ''} in {passes} "
+            rows.append(("training step", f"{step}pass{'es' if passes > 1 else ''}"))
     elif inference:
         overlap = trained.get("inference", {}).get("overlap", 0.5)
         result = planner.plan_segmentation(size, overlap)
@@ -838,7 +856,7 @@ def plan(
     else:
         amp = trained.get("train", {}).get("amp", "none")
         chosen = precision or {"none": "fp32"}.get(amp, amp)
-        result = planner.plan_training_crop(size, batch_size, chosen)
+        result = planner.plan_training_crop(size, steps, chosen)
         calibration = planner.calibration(mode, chosen)
         rows = [("training crop", size_text(result.crop)), ("precision", result.precision)]
     units = "slices x pixels" if isinstance(planner.work, Reconstructor) else "voxels"

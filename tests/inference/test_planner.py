@@ -246,6 +246,16 @@ def test_plan_command_plans_slabs_for_a_3d_reconstructor():
     assert "batches of 3 slabs of 4 slices" in result.output
 
 
+def test_plan_command_plans_training_micro_batches_for_a_reconstructor():
+    config = Path(__file__).resolve().parents[2] / "configs" / "irim_multicoil_small.yaml"
+    args = ["plan", "--model", str(config), "--mode", "train", "--shape", "8,10,256,128"]
+    result = runner.invoke(cli.app, [*args, "--batch-size", "4", "--gpu-memory", "1GiB"])
+    assert result.exit_code == 0, result.output
+    assert "batches of 4 slices" in result.output and "4 slices in 1 pass" in result.output
+    too_small = runner.invoke(cli.app, [*args, "--batch-size", "4", "--gpu-memory", "1MiB"])
+    assert isinstance(too_small.exception, ResourceError)
+
+
 def test_segment_with_a_memory_budget_writes_the_same_labels(tmp_path):
     write_case(tmp_path / "cases", "c0", shape=SHAPE, seed=3)
     labels, printed = {}, {}
