@@ -117,7 +117,7 @@ def main() -> None:
             "run": name,
             "wall_ms": 1e3 * wall,
             "self_ms": work.ms.sum(),
-            "ops": work.calls.sum(),
+            "aten ops": work.calls[work.index.str.startswith("aten::")].sum(),
         }
         if device.type == "cuda":
             launches = table.calls[table.index.str.contains("LaunchKernel")].sum()
