@@ -498,7 +498,7 @@ def train_reconstruct(
         str | None,
         typer.Option(
             help="Memory budget, e.g. 16GiB or auto: each step of train.batch_size runs in "
-            "the largest micro-batches that fit, gradients summed (sets "
+            "the largest micro-batches that fit, gradients averaged (sets "
             "train.micro_batch_size)."
         ),
     ] = None,

@@ -153,7 +153,7 @@ class ReconstructionTraining(_Strict):
         None,
         ge=1,
         description="slices (or slabs) per forward and backward pass, a divisor of "
-        "batch_size: the gradients of batch_size / micro_batch_size passes are summed "
+        "batch_size: the gradients of batch_size / micro_batch_size passes are averaged "
         "before each optimizer step; None: batch_size",
     )
     steps_per_epoch: int | None = Field(None, ge=1, description="cap; None: one pass")
