@@ -816,7 +816,9 @@ def plan(
     if not size or min(size) < 1:
         raise InputError(f"--shape {shape}: expected sizes like 240,240,155")
     network, trained = _model_for_planning(model)
-    steps = batch_size or int(((trained or {}).get("train") or {}).get("batch_size") or 1)
+    recipe = (trained or {}).get("train") or {}
+    steps = batch_size or int(recipe.get("batch_size") or 1)
+    train_precision = precision or _amp_precision(recipe.get("amp", "none"))
     torch_device = _torch_device(device)
     inference = mode == "inference"
     if inference:
@@ -826,8 +828,7 @@ def plan(
         if len(size) not in (3, 4):
             raise InputError(f"--shape {shape}: a reconstructor needs slices,[coils,]height,width")
         slab = int(((trained or {}).get("data") or {}).get("slab") or 8)
-        amp = (trained or {}).get("train", {}).get("amp", "none")
-        chosen = "fp32" if inference else precision or {"none": "fp32"}.get(amp, amp)
+        chosen = "fp32" if inference else train_precision
         if inference:
             result = planner.plan_reconstruction(size, mode, slab=slab, precision=chosen)
         else:
@@ -854,10 +855,8 @@ def plan(
                 ("output stitched", where),
             ]
     else:
-        amp = trained.get("train", {}).get("amp", "none")
-        chosen = precision or {"none": "fp32"}.get(amp, amp)
-        result = planner.plan_training_crop(size, steps, chosen)
-        calibration = planner.calibration(mode, chosen)
+        result = planner.plan_training_crop(size, steps, train_precision)
+        calibration = planner.calibration(mode, train_precision)
         rows = [("training crop", size_text(result.crop)), ("precision", result.precision)]
     units = "slices x pixels" if isinstance(planner.work, Reconstructor) else "voxels"
     intercept = round(calibration.intercept / 2**20, 1) + 0.0  # no "-0.0"
@@ -916,7 +915,7 @@ def _plan_training_crop(settings, cases: list[dict], device, gpu_memory: str):
     network = build_model(settings.model.kind, settings.model_kwargs())
     shapes = [oriented_shape(c["image"], settings.data.spacing) for c in cases]
     largest = tuple(max(s[a] for s in shapes) for a in range(3))
-    precision = {"none": "fp32"}.get(settings.train.amp, settings.train.amp)
+    precision = _amp_precision(settings.train.amp)
     planner = _planner(network, device, gpu_memory)
     crops = planner.plan_training_crop(largest, settings.train.batch_size, precision)
     if not crops.fits:
@@ -924,6 +923,11 @@ def _plan_training_crop(settings, cases: list[dict], device, gpu_memory: str):
             f"--gpu-memory {gpu_memory}: no training crop fits ({crops.describe()})"
         )
     return crops
+
+
+def _amp_precision(amp: str) -> str:
+    """The planner's precision for a config's ``train.amp`` (``"none"`` is fp32)."""
+    return "fp32" if amp == "none" else amp
 
 
 def _run_training(job, out: Path, train: Callable[[Any], Any]) -> None:
@@ -950,7 +954,7 @@ def _plan_micro_batch(settings, device, gpu_memory: str):
 
     d, t, m = settings.data, settings.train, settings.model
     item = largest_item_shape(d.train)
-    precision = {"none": "fp32"}.get(t.amp, t.amp)
+    precision = _amp_precision(t.amp)
     planner = _planner(build_model(m.kind, m.kwargs()), device, gpu_memory)
     plan = planner.plan_micro_batch(item, t.batch_size, d.slab, precision)
     if not plan.fits:

@@ -200,11 +200,9 @@ class InvertibleUNet(InvertibleModule):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)
-        widths = self._padding(x.shape[2:])
-        if not any(widths):
-            return self.net.forward_and_log_det(x)
-        y, log_det = self.net.forward_and_log_det(F.pad(x, widths, mode=self.padding_mode))
-        return _crop(y, widths), log_det
+        padded, widths = self.pad(x)
+        y, log_det = self.net.forward_and_log_det(padded)
+        return self.crop(y, widths), log_det
 
     def forward(self, x: Tensor, overwrite_input: bool = False) -> Tensor:
         """``overwrite_input``: without a graph, the network may work in ``x``'s memory
