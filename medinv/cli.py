@@ -60,6 +60,10 @@ GPU_MEMORY_HELP = (
     "Memory budget, e.g. 16GiB, 32GB, or auto (the GPU's free memory): the memory planner "
     "sizes the work to fit it, per case, and retries smaller plans if memory runs out."
 )
+BUCKET_HELP = (
+    "Pad whole volumes up to a multiple of this many voxels per axis (a multiple of the "
+    "model's stride, e.g. 32), so that cases of similar size run at one shape."
+)
 
 # Options several commands share.
 DeviceOption = Annotated[str, typer.Option(help="cuda, cuda:N, cpu, or auto.")]
@@ -425,6 +429,7 @@ def segment(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     shard: Annotated[str | None, typer.Option(help=SHARD_HELP)] = None,
     gpu_memory: Annotated[str | None, typer.Option(help=GPU_MEMORY_HELP)] = None,
+    bucket: Annotated[int | None, typer.Option(help=BUCKET_HELP)] = None,
 ) -> None:
     """Segment brain tumours: label maps (0/1/2/4) in each input's own grid and affine.
 
@@ -436,15 +441,23 @@ def segment(
 
     --gpu-memory 16GiB: window, batch, stitching and precision are planned per case to fit.
 
+    --bucket 32 (with --roi whole or --gpu-memory): whole volumes are zero-padded to multiples
+    of 32 voxels, so similar cases share a shape; cuDNN then picks its kernels once per shape.
+
     Example: medinv segment data/brats_like_small/test --out seg/ --preview
     """
+    import torch
+
     from medinv.errors import InputError
     from medinv.inference.segmentation import SegmentationSettings, segment_case
+    from medinv.inference.workloads import check_bucket
     from medinv.training.checkpoint import bundled_weights, load_model
 
     _parse_roi(roi, None)  # a malformed --roi fails before any work
     if roi is not None and gpu_memory is not None:
         raise InputError("give --roi or --gpu-memory, not both: the planner chooses the ROI")
+    if bucket is not None and roi != "whole" and gpu_memory is None:
+        raise InputError("--bucket pads whole volumes: give it with --roi whole or --gpu-memory")
     cases, convention = _discover_inputs(inputs, et_label)
     network, payload = load_model(model or bundled_weights(DEFAULT_SEGMENTER))
     trained = payload.get("config", {})
@@ -457,9 +470,14 @@ def segment(
         and any(n % s for n, s in zip(roi_size, stride, strict=True))
     ):
         raise InputError(f"--roi {roi} is not a multiple of the model's total stride {stride}")
+    check_bucket(network, bucket, "--bucket")
     torch_device = _torch_device(device)
     network.to(torch_device)
-    planner = None if gpu_memory is None else _planner(network, torch_device, gpu_memory)
+    planner = None
+    if gpu_memory is not None:
+        planner = _planner(network, torch_device, gpu_memory, bucket=bucket)
+    # bucketed volumes share shapes, for which cuDNN's benchmarked kernels carry over
+    torch.backends.cudnn.benchmark = bucket is not None
     settings = SegmentationSettings(
         roi_size=roi_size,
         overlap=overlap if overlap is not None else inference.get("overlap", 0.5),
@@ -469,6 +487,7 @@ def segment(
         probabilities=probabilities,
         preview=preview,
         overwrite=overwrite,
+        bucket=bucket,
     )
     rows, failures = _run_cases(
         "segment",
@@ -785,6 +804,7 @@ def plan(
             "train: the config's amp."
         ),
     ] = None,
+    bucket: Annotated[int | None, typer.Option(help=BUCKET_HELP)] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Plan how a model runs on an input of a given size within a memory budget.
@@ -804,8 +824,8 @@ def plan(
     """
     from medinv.devices import describe
     from medinv.errors import InputError, ResourceError
-    from medinv.inference.plans import format_bytes, size_text
-    from medinv.inference.workloads import Reconstructor
+    from medinv.inference.plans import bucketed, format_bytes, size_text
+    from medinv.inference.workloads import Reconstructor, check_bucket
 
     if mode not in ("inference", "train"):
         raise InputError(f"--mode must be inference or train, got {mode!r}")
@@ -823,7 +843,10 @@ def plan(
     inference = mode == "inference"
     if inference:
         network.to(torch_device)
-    planner = _planner(network, torch_device, gpu_memory, precision if inference else None)
+    if bucket is not None and not inference:
+        raise InputError("--bucket pads whole volumes for inference; it has no --mode train")
+    check_bucket(network, bucket, "--bucket")
+    planner = _planner(network, torch_device, gpu_memory, precision if inference else None, bucket)
     if isinstance(planner.work, Reconstructor):
         if len(size) not in (3, 4):
             raise InputError(f"--shape {shape}: a reconstructor needs slices,[coils,]height,width")
@@ -846,6 +869,8 @@ def plan(
         result = planner.plan_segmentation(size, overlap)
         calibration = planner.calibration(mode, result.precision)
         rows = [("plan", "whole volume"), ("precision", result.precision)]
+        if bucket is not None and result.roi_size is None:
+            rows.insert(1, ("padded to", size_text(bucketed(size, bucket))))
         if result.roi_size is not None:
             where = "in CPU memory" if result.stitch_on_cpu else "on the device"
             rows[:1] = [
@@ -883,9 +908,11 @@ def plan(
         raise ResourceError(f"{size_text(size)} does not fit: {result.describe()}")
 
 
-def _planner(network, device, gpu_memory: str, precision: str | None = None):
-    """A memory planner for ``--gpu-memory``; calibrations are also kept in
-    ``$MEDINV_PLANNER_CACHE`` where that is set."""
+def _planner(
+    network, device, gpu_memory: str, precision: str | None = None, bucket: int | None = None
+):
+    """A memory planner for ``--gpu-memory`` (and ``--bucket``); calibrations are also kept
+    in ``$MEDINV_PLANNER_CACHE`` where that is set."""
     from medinv.errors import InputError
     from medinv.inference.planner import Planner
     from medinv.inference.plans import resolve_budget
@@ -902,6 +929,7 @@ def _planner(network, device, gpu_memory: str, precision: str | None = None):
         precision=precision,
         cache_dir=Path(cache).expanduser() if cache else None,
         log=lambda line: print(f"medinv: warning: {line}", file=sys.stderr),
+        bucket=bucket,
     )
 
 

@@ -4,7 +4,8 @@ Given a budget (``16GiB``, ``auto``) less a safety margin, and a memory model of
 calibrated on the device (:mod:`medinv.inference.memory_model`), a plan chooses, in order
 of preference:
 
-- segmentation: the whole volume at once; else MONAI's sliding window with the largest ROI
+- segmentation: the whole volume at once (padded up to a multiple of ``bucket`` voxels per
+  axis where one is given); else MONAI's sliding window with the largest ROI
   (a multiple of the model's stride, at most the volume padded up to it), then the largest
   window batch, with the stitched output on the device, else in CPU memory; fp32 first,
   bf16 autocast only where fp32 cannot fit (or when asked);
@@ -31,8 +32,15 @@ from medinv.errors import InputError, ResourceError
 
 from .memory_model import Calibration, Mode, calibrate
 from .peak import release_memory
-from .plans import ReconstructionPlan, SegmentationPlan, TrainingPlan, format_bytes, size_text
-from .workloads import Reconstructor, Segmenter, workload
+from .plans import (
+    ReconstructionPlan,
+    SegmentationPlan,
+    TrainingPlan,
+    bucketed,
+    format_bytes,
+    size_text,
+)
+from .workloads import Reconstructor, Segmenter, check_bucket, workload
 
 _FLOAT = 4  # bytes of the float32 maps that inference keeps (inputs, outputs, weights)
 T = TypeVar("T")
@@ -54,6 +62,8 @@ class Planner:
         min_roi: the smallest window edge worth stitching on the device; below it the
             output is stitched in CPU memory instead.
         max_sw_batch: the most windows per model call.
+        bucket: whole volumes run zero-padded up to a multiple of this many voxels per axis
+            (a multiple of the model's stride; :func:`~medinv.inference.plans.bucketed`).
     """
 
     def __init__(
@@ -67,6 +77,7 @@ class Planner:
         log: Callable[[str], None] | None = None,
         min_roi: int = 64,
         max_sw_batch: int = 4,
+        bucket: int | None = None,
     ):
         if not 0 <= margin < 1:
             raise InputError(f"the safety margin must be in [0, 1), got {margin}")
@@ -77,6 +88,8 @@ class Planner:
         self.log = log or logging.getLogger(__name__).warning
         self.min_roi, self.max_sw_batch = min_roi, max_sw_batch
         self.work = workload(model)
+        check_bucket(model, bucket)
+        self.bucket = bucket
         self._calibrations: dict[tuple, Calibration] = {}
         self.used: list[SegmentationPlan | ReconstructionPlan] = []  # by :meth:`run`
         self.retries = 0
@@ -111,7 +124,7 @@ class Planner:
         for precision in [self.precision] if self.precision else ["fp32", "bf16"]:
             plan = self._segmentation(shape, None, 1, False, precision, tta)
             # a network that does not pad its input itself takes only multiples of its stride
-            if plan.fits and (segmenter.pads_inputs or shape == padded):
+            if plan.fits and (segmenter.pads_inputs or shape == padded or self.bucket):
                 return plan
             for on_cpu, lowest in stitching:
                 roi = _largest_roi(
@@ -156,6 +169,7 @@ class Planner:
             stitch_on_cpu=on_cpu,
             precision=precision,
             tta=tta,
+            bucket=self.bucket,
         )
 
     def _segmentation_peak(self, shape, roi, sw_batch, on_cpu, precision, tta) -> int:
@@ -170,10 +184,13 @@ class Planner:
         output = segmenter.out_channels * voxels * _FLOAT
         flip = image if tta else 0
         if roi is None:
-            logits = output if precision == "fp32" else output // 2
+            # the model runs at ``whole``; padded outside it, its logits keep that size
+            whole = self._bounds(shape)[0] if self.bucket is None else bucketed(shape, self.bucket)
+            outside = self.bucket is not None or not segmenter.pads_inputs
+            logits = segmenter.out_channels * math.prod(whole if outside else shape) * _FLOAT
+            logits = logits if precision == "fp32" else logits // 2
             held = logits + 2 * output if tta else 0
-            padded = self._bounds(shape)[0]
-            step = calibration.step_peak(math.prod(padded)) + flip + held
+            step = calibration.step_peak(math.prod(whole)) + flip + held
             after = image + flip + logits + (4 if tta else 2) * output
             return calibration.resident + max(step, after)
         window = math.prod(roi)

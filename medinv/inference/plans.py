@@ -50,6 +50,16 @@ def size_text(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
 
+def bucketed(shape: Sequence[int], bucket: int) -> tuple[int, ...]:
+    """``shape`` rounded up to a multiple of ``bucket`` voxels per axis.
+
+    Volumes of similar size then run at one padded shape, so the CUDA allocator reuses its
+    blocks from case to case and cuDNN's kernel choice carries over, for the price of the
+    padded voxels.
+    """
+    return tuple(-(-n // bucket) * bucket for n in shape)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What every plan has: the predicted peak and the usable budget (None: no limit)."""
@@ -72,7 +82,8 @@ class Plan:
 class SegmentationPlan(Plan):
     """How to segment one volume of spatial ``shape``: whole (``roi_size`` None) or in
     windows of ``roi_size``, ``sw_batch_size`` at a time, stitched on the device or in CPU
-    memory, in ``precision``, with or without flip test-time augmentation."""
+    memory, in ``precision``, with or without flip test-time augmentation; a whole volume
+    padded up to a multiple of ``bucket`` voxels per axis where one is given."""
 
     shape: tuple[int, ...]
     roi_size: tuple[int, ...] | None
@@ -80,6 +91,7 @@ class SegmentationPlan(Plan):
     stitch_on_cpu: bool
     precision: str
     tta: bool = False
+    bucket: int | None = None
 
     @property
     def kind(self) -> str:
@@ -92,6 +104,9 @@ class SegmentationPlan(Plan):
     def describe(self) -> str:
         if self.roi_size is None:
             how = "whole volume"
+            if self.bucket is not None:
+                padded = bucketed(self.shape, self.bucket)
+                how += f" padded to {size_text(padded)}" if padded != self.shape else ""
         else:
             where = "in CPU memory" if self.stitch_on_cpu else "on the device"
             windows = f"{self.sw_batch_size} per call"
@@ -106,6 +121,7 @@ class SegmentationPlan(Plan):
             sw_batch_size=self.sw_batch_size,
             stitch_on_cpu=self.stitch_on_cpu,
             autocast_dtype=PRECISIONS[self.precision],
+            bucket=self.bucket,
         )
 
 

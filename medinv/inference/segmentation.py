@@ -25,6 +25,7 @@ from medinv.data.transforms import (
 from medinv.errors import ConfigError, InputError
 from medinv.io import write_atomically
 
+from .plans import bucketed
 from .workloads import model_stride
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def predict_probabilities(
     tta: bool = False,
     autocast_dtype: torch.dtype | None = None,
     sw_device: torch.device | None = None,
+    bucket: int | None = None,
 ) -> Tensor:
     """Sigmoid probabilities of the regions (TC, WT, ET) for ``image (B, 4, *S)``, on the
     image's device.
@@ -47,7 +49,8 @@ def predict_probabilities(
     With ``roi_size``, MONAI's ``sliding_window_inference`` with Gaussian blending; without
     it, the whole volume at once. ``tta`` averages over the 8 combinations of flips along
     the spatial axes. ``sw_device``: the model's device where the image (and so the
-    stitched output) is elsewhere, e.g. in CPU memory to spare the GPU's.
+    stitched output) is elsewhere, e.g. in CPU memory to spare the GPU's. ``bucket``: whole
+    volumes run zero-padded up to a multiple of ``bucket`` voxels per axis (:func:`bucketed`).
     """
     flips = [()]
     if tta:
@@ -67,7 +70,7 @@ def predict_probabilities(
         for axes in flips:
             x = image.flip(axes) if axes else image
             if roi_size is None:
-                logits = _whole_volume(model, x)
+                logits = _whole_volume(model, x, bucket)
             else:
                 logits = sliding_window_inference(
                     x,
@@ -84,20 +87,25 @@ def predict_probabilities(
     return total / len(flips)
 
 
-def _whole_volume(model: nn.Module, x: Tensor) -> Tensor:
-    """``model(x)``; for models that need sizes divisible by their stride and do not pad
-    (MONAI's SegResNet), zero-padded at the end of each axis and cropped back."""
-    if any(hasattr(m, "total_stride") for m in model.modules()):
+def _whole_volume(model: nn.Module, x: Tensor, bucket: int | None = None) -> Tensor:
+    """``model(x)``, zero-padded at the end of each axis and cropped back where needed: up to
+    a multiple of ``bucket``, or for models that need sizes divisible by their stride and do
+    not pad (MONAI's SegResNet), up to a multiple of the stride."""
+    sizes = tuple(x.shape[2:])
+    if bucket is not None:
+        padded = bucketed(sizes, bucket)
+    elif any(hasattr(m, "total_stride") for m in model.modules()):
         return model(x)  # iUNets pad (and crop) themselves
-    try:
-        stride = model_stride(model)
-    except ConfigError:
-        return model(x)  # a model of unknown stride takes the volume as it is
-    pads = [-size % k for size, k in zip(x.shape[2:], stride, strict=True)]
-    if not any(pads):
+    else:
+        try:
+            stride = model_stride(model)
+        except ConfigError:
+            return model(x)  # a model of unknown stride takes the volume as it is
+        padded = tuple(-(-n // k) * k for n, k in zip(sizes, stride, strict=True))
+    if padded == sizes:
         return model(x)
-    padded = torch.nn.functional.pad(x, [p for pad in reversed(pads) for p in (0, pad)])
-    return model(padded)[(..., *(slice(0, size) for size in x.shape[2:]))]
+    widths = [p for n, m in zip(reversed(sizes), reversed(padded), strict=True) for p in (0, m - n)]
+    return model(torch.nn.functional.pad(x, widths))[(..., *(slice(0, n) for n in sizes))]
 
 
 def regions_to_labels(regions: Tensor, values: Sequence[int] = (1, 2, 4)) -> Tensor:
@@ -119,7 +127,8 @@ def regions_to_labels(regions: Tensor, values: Sequence[int] = (1, 2, 4)) -> Ten
 @dataclass
 class SegmentationSettings:
     """How to run a segmentation model on whole cases (``stitch_on_cpu``: keep the image
-    and the stitched sliding-window output in CPU memory; windows run on the device)."""
+    and the stitched sliding-window output in CPU memory; windows run on the device;
+    ``bucket``: pad whole volumes up to a multiple of it, :func:`bucketed`)."""
 
     roi_size: Sequence[int] | None = (128, 128, 128)
     overlap: float = 0.5
@@ -133,6 +142,7 @@ class SegmentationSettings:
     preview: bool = False
     overwrite: bool = False
     autocast_dtype: torch.dtype | None = None
+    bucket: int | None = None
 
 
 def predict_volume(
@@ -151,6 +161,7 @@ def predict_volume(
         settings.tta,
         settings.autocast_dtype,
         sw_device=device if on_cpu else None,
+        bucket=settings.bucket,
     )[0].cpu()
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from medinv.errors import ConfigError
+from medinv.errors import ConfigError, InputError
 
 #: Probe edge lengths (rounded up to the model's stride): small, but large enough that fixed
 #: costs no longer dominate the peak.
@@ -45,6 +45,24 @@ def model_stride(model: nn.Module) -> tuple[int, ...]:
         if isinstance(module, RIM):
             return (1, 1)
     raise ConfigError(f"cannot tell the total stride of a {type(model).__name__}")
+
+
+def check_bucket(model: nn.Module, bucket: int | None, name: str = "bucket") -> None:
+    """Raise :class:`InputError`, naming ``name``, unless ``bucket`` is None or a positive
+    multiple of the model's total stride on every axis."""
+    if bucket is None:
+        return
+    if bucket < 1:
+        raise InputError(f"{name} {bucket}: expected a positive number of voxels")
+    try:
+        stride = model_stride(model)
+    except ConfigError:
+        return  # a model of unknown stride takes any size
+    if any(bucket % s for s in stride):
+        raise InputError(
+            f"{name} {bucket} is not a multiple of the model's total stride "
+            f"{'x'.join(map(str, stride))}"
+        )
 
 
 def io_channels(model: nn.Module) -> tuple[int, int]:

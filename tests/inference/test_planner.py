@@ -13,7 +13,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from medinv import cli
@@ -28,6 +27,7 @@ from medinv.inference.slabs import reconstruct_slabs
 from medinv.models import IRIM, IUNet
 
 from ..synthetic_cases import tiny_kspace_set, tiny_segmentation_config, write_case
+from .test_segmentation_inference import RecordsShapes
 
 CPU = torch.device("cpu")
 SHAPE = (40, 36, 28)
@@ -176,19 +176,14 @@ def test_stitching_in_cpu_memory_gives_the_same_probabilities(iunet):
     torch.testing.assert_close(in_memory, on_device)
 
 
-class RunsOutOnce(nn.Module):
+class RunsOutOnce(RecordsShapes):
     """Raises CUDA's out-of-memory error on its first call, then is ``inner``."""
 
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        self.shapes: list[tuple[int, ...]] = []
-
     def forward(self, x):
-        self.shapes.append(tuple(x.shape[2:]))
-        if len(self.shapes) == 1:
+        if not self.shapes:
+            self.shapes.append(tuple(x.shape[2:]))
             raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
-        return self.inner(x)
+        return super().forward(x)
 
 
 def test_out_of_memory_retries_a_smaller_plan_and_logs_one_line(tmp_path, iunet):
@@ -352,3 +347,51 @@ def test_train_reconstruct_with_a_memory_budget_runs_steps_in_micro_batches(tmp_
     assert isinstance(too_small.exception, ResourceError)
     message = f"one training slice (4 coils, {height}x{width}) does not fit"
     assert message in str(too_small.exception)
+
+
+def test_bucketed_whole_volume_plans_predict_the_padded_run(iunet):
+    """The planner predicts a bucketed whole-volume run at the padded shape: the measured
+    peak of the run as ``medinv segment`` makes it lies within 15% of the prediction."""
+    image = torch.randn(4, *SHAPE)
+    bucketed = Planner(iunet, CPU, None, bucket=32).plan_segmentation(SHAPE)
+    plain = Planner(iunet, CPU, None).plan_segmentation(SHAPE)
+    assert bucketed.roi_size is None and bucketed.bucket == 32
+    assert "whole volume padded to 64x64x32" in bucketed.describe()
+    assert bucketed.predicted_peak > plain.predicted_peak
+    settings = bucketed.apply(SegmentationSettings())
+    assert settings.bucket == 32 and settings.roi_size is None
+    measured = measure_peak(lambda: predict_volume(iunet, image, settings, CPU), CPU)
+    assert abs(bucketed.predicted_peak - measured) <= 0.15 * measured
+    with pytest.raises(InputError, match="bucket 6 is not a multiple of the model's total stride"):
+        Planner(iunet, CPU, None, bucket=6)
+
+
+def test_segment_and_plan_take_a_bucket(tmp_path):
+    write_case(tmp_path / "cases", "c0", shape=SHAPE, seed=3)
+    labels = {}
+    for option in (["--roi", "whole"], ["--roi", "whole", "--bucket", "32"]):
+        out = tmp_path / str(len(option))
+        args = ["segment", str(tmp_path / "cases"), "--out", str(out), "--device", "cpu"]
+        result = runner.invoke(cli.app, args + option)
+        assert result.exit_code == 0, result.output
+        labels[len(option)] = np.asarray(nib.load(out / "c0.nii.gz").dataobj)
+    assert labels[4].shape == labels[2].shape == SHAPE
+    # the padded zeros enter the group norms' statistics: close, not equal
+    reference, padded = labels[2] > 0, labels[4] > 0
+    assert reference.sum() > 100
+    assert 2 * (padded & reference).sum() / (padded.sum() + reference.sum()) > 0.9
+
+    args = ["segment", str(tmp_path / "cases"), "--out", str(tmp_path / "x"), "--device", "cpu"]
+    for option, message in [
+        (["--bucket", "32"], "--bucket pads whole volumes"),
+        (["--roi", "whole", "--bucket", "20"], "--bucket 20 is not a multiple"),
+    ]:
+        result = runner.invoke(cli.app, args + option)
+        assert result.exit_code != 0 and isinstance(result.exception, InputError)
+        assert message in str(result.exception)
+    assert not (tmp_path / "x").exists()
+
+    plan = ["plan", "--shape", "150,170,140", "--gpu-memory", "8GiB", "--device", "cpu"]
+    result = runner.invoke(cli.app, [*plan, "--bucket", "32"])
+    assert result.exit_code == 0, result.output
+    assert "padded to" in result.output and "160x192x160" in result.output

@@ -127,3 +127,32 @@ def test_whole_volume_pads_for_models_that_need_divisible_sizes():
         expected = torch.sigmoid(model(padded))[..., :20, :16, :13]
     assert out.shape == (1, 3, 20, 16, 13)
     torch.testing.assert_close(out, expected)
+
+
+class RecordsShapes(nn.Module):
+    """``inner``, recording the spatial shape of every input it is given."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape[2:]))
+        return self.inner(x)
+
+
+def test_bucketed_whole_volumes_run_at_one_shape_and_crop_back():
+    """Volumes of 17-32 voxels per axis all run at 32^3; a voxel-wise model's answer does not
+    depend on the padding, so it comes back unchanged; an iUNet's comes back at its size."""
+    torch.manual_seed(0)
+    recorder = RecordsShapes(AboveMean())
+    for shape in [(20, 17, 32), (32, 30, 25)]:
+        image = torch.randn(1, 4, *shape)
+        bucketed = predict_probabilities(recorder, image, None, bucket=16 * 2)
+        torch.testing.assert_close(bucketed, predict_probabilities(AboveMean(), image, None))
+    assert recorder.shapes == [(32, 32, 32), (32, 32, 32)]
+
+    iunet = RecordsShapes(IUNet(4, 3, channels=4, dim=3, architecture=(1, 1)).eval())
+    out = predict_probabilities(iunet, torch.randn(1, 4, 20, 17, 9), None, bucket=8)
+    assert iunet.shapes == [(24, 24, 16)] and out.shape == (1, 3, 20, 17, 9)
