@@ -88,6 +88,8 @@ class Planner:
         self.log = log or logging.getLogger(__name__).warning
         self.min_roi, self.max_sw_batch = min_roi, max_sw_batch
         self.work = workload(model)
+        if bucket is not None and not isinstance(self.work, Segmenter):
+            raise InputError("a bucket pads whole volumes for segmenters; this is a reconstructor")
         check_bucket(model, bucket)
         self.bucket = bucket
         self._calibrations: dict[tuple, Calibration] = {}

@@ -364,6 +364,9 @@ def test_bucketed_whole_volume_plans_predict_the_padded_run(iunet):
     assert abs(bucketed.predicted_peak - measured) <= 0.15 * measured
     with pytest.raises(InputError, match="bucket 6 is not a multiple of the model's total stride"):
         Planner(iunet, CPU, None, bucket=6)
+    irim = IRIM(state_channels=4, steps=1, layers_per_step=1, dilations=(1,), hidden_channels=4)
+    with pytest.raises(InputError, match="for segmenters; this is a reconstructor"):
+        Planner(irim, CPU, None, bucket=8)
 
 
 def test_segment_and_plan_take_a_bucket(tmp_path):
