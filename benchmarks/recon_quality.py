@@ -1,6 +1,6 @@
 """Reconstruction quality on held-out subjects: i-RIM against the RIM, zero-filled and CS.
 
-Trains an i-RIM and the RIM baseline on ``<set>/<challenge>_train`` with the same
+Trains one or more i-RIMs and the RIM baseline on ``<set>/<challenge>_train`` with the same
 wall-clock budget (``--minutes``, or the configs' epochs), reconstructs the held-out test
 files (their own 4x/8x masks) and scores everything against ``<challenge>_test_full``, next
 to the classical baselines of ``recon_baselines.py`` (zero-filled and sigpy L1-wavelet):
@@ -14,6 +14,7 @@ NMSE, PSNR and SSIM per acceleration, with parameters, training time and peak me
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,13 @@ def main() -> None:
     )
     parser.add_argument("--data", type=Path, required=True, help="a `medinv data kspace` set")
     parser.add_argument("--challenge", default="multicoil", choices=["multicoil", "singlecoil"])
-    parser.add_argument("--irim", type=Path, default=ROOT / "configs/irim_multicoil.yaml")
+    parser.add_argument(
+        "--irim",
+        type=Path,
+        nargs="+",
+        default=[ROOT / "configs/irim_multicoil.yaml"],
+        help="one or more i-RIM configs; with several, each row names its config",
+    )
     parser.add_argument("--rim", type=Path, default=ROOT / "configs/rim_multicoil.yaml")
     parser.add_argument("--minutes", type=float, help="training budget per model")
     parser.add_argument("--epochs", type=int, help="override the configs' epochs")
@@ -57,7 +64,9 @@ def main() -> None:
     full = args.data / f"{args.challenge}_test_full"
 
     rows = []
-    for name, path in (("i-RIM", args.irim), ("RIM", args.rim)):
+    models = [(_label("i-RIM", p, len(args.irim) > 1), p) for p in args.irim]
+    for name, path in [*models, ("RIM", args.rim)]:
+        run = args.work / re.sub(r"[^\w.-]+", "_", name).strip("_")  # i-RIM_irim_small
         config = load_config(path, task="reconstruct")
         config.data.train = args.data / f"{args.challenge}_train"
         config.data.val = args.data / f"{args.challenge}_val"
@@ -67,15 +76,15 @@ def main() -> None:
         if args.epochs is not None:
             config.train.epochs = args.epochs
         started = time.perf_counter()
-        history = train_reconstruction(config, args.work / name, device)
+        history = train_reconstruction(config, run, device)
         minutes = (time.perf_counter() - started) / 60
-        model, _ = load_model(args.work / name / "best.pt")
+        model, _ = load_model(run / "best.pt")
         model.to(device)
         settings = ReconstructionSettings(overwrite=True)
         scores = pd.DataFrame(
             [
                 reconstruct_file(
-                    model, t, args.work / name / "test", settings, device, target_file=full / t.name
+                    model, t, run / "test", settings, device, target_file=full / t.name
                 )
                 for t in tests
             ]
@@ -114,6 +123,10 @@ def main() -> None:
         ]
     )
     publish(text, args.out)
+
+
+def _label(kind: str, config: Path, named: bool) -> str:
+    return f"{kind} ({config.stem})" if named else kind
 
 
 if __name__ == "__main__":
