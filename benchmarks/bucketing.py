@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import header, publish, synchronize  # noqa: E402
-from medinv.inference.plans import bucketed, size_text  # noqa: E402
+from medinv.inference.plans import rounded_up, size_text  # noqa: E402
 from medinv.inference.segmentation import SegmentationSettings, predict_volume  # noqa: E402
 from medinv.models import build_model  # noqa: E402
 from medinv.training.config import load_config  # noqa: E402
@@ -96,11 +96,11 @@ def main() -> None:
     stride = model.total_stride
     shapes = draw_shapes(args.cases, args.seed, args.smoke)
     images = [torch.randn(4, *s) for s in shapes]
-    strided = [tuple(-(-n // k) * k for n, k in zip(s, stride, strict=True)) for s in shapes]
+    strided = [rounded_up(s, stride) for s in shapes]
     size = args.bucket or (8 if args.smoke else 32)
     rows = []
     for bucket, benchmark in [(None, False), (None, True), (size, False), (size, True)]:
-        runs_at = [bucketed(s, bucket) for s in shapes] if bucket else strided
+        runs_at = [rounded_up(s, bucket) for s in shapes] if bucket else strided
         name = "stride" if bucket is None else f"bucket {bucket}"
         row = {"variant": name + (" + benchmark" if benchmark else "")}
         row["shapes"] = len(set(runs_at))

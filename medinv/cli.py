@@ -824,7 +824,7 @@ def plan(
     """
     from medinv.devices import describe
     from medinv.errors import InputError, ResourceError
-    from medinv.inference.plans import bucketed, format_bytes, size_text
+    from medinv.inference.plans import format_bytes, rounded_up, size_text
     from medinv.inference.workloads import Reconstructor, check_bucket
 
     if mode not in ("inference", "train"):
@@ -870,7 +870,7 @@ def plan(
         calibration = planner.calibration(mode, result.precision)
         rows = [("plan", "whole volume"), ("precision", result.precision)]
         if bucket is not None and result.roi_size is None:
-            rows.insert(1, ("padded to", size_text(bucketed(size, bucket))))
+            rows.insert(1, ("padded to", size_text(rounded_up(size, bucket))))
         if result.roi_size is not None:
             where = "in CPU memory" if result.stitch_on_cpu else "on the device"
             rows[:1] = [

@@ -36,8 +36,8 @@ from .plans import (
     ReconstructionPlan,
     SegmentationPlan,
     TrainingPlan,
-    bucketed,
     format_bytes,
+    rounded_up,
     size_text,
 )
 from .workloads import Reconstructor, Segmenter, check_bucket, workload
@@ -63,7 +63,7 @@ class Planner:
             output is stitched in CPU memory instead.
         max_sw_batch: the most windows per model call.
         bucket: whole volumes run zero-padded up to a multiple of this many voxels per axis
-            (a multiple of the model's stride; :func:`~medinv.inference.plans.bucketed`).
+            (a multiple of the model's stride; :func:`~medinv.inference.plans.rounded_up`).
     """
 
     def __init__(
@@ -187,7 +187,7 @@ class Planner:
         flip = image if tta else 0
         if roi is None:
             # the model runs at ``whole``; padded outside it, its logits keep that size
-            whole = self._bounds(shape)[0] if self.bucket is None else bucketed(shape, self.bucket)
+            whole = rounded_up(shape, self.bucket) if self.bucket else self._bounds(shape)[0]
             outside = self.bucket is not None or not segmenter.pads_inputs
             logits = segmenter.out_channels * math.prod(whole if outside else shape) * _FLOAT
             logits = logits if precision == "fp32" else logits // 2
@@ -214,7 +214,7 @@ class Planner:
         stride = self._segmenter().stride
         if len(shape) != len(stride):
             raise InputError(f"the model takes {len(stride)}D volumes, got {size_text(shape)}")
-        padded = tuple(_round_up(n, s) for n, s in zip(shape, stride, strict=True))
+        padded = rounded_up(shape, stride)
         floor = tuple(
             min(p, _round_up(self.min_roi, s)) for p, s in zip(padded, stride, strict=True)
         )

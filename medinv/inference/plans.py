@@ -50,14 +50,16 @@ def size_text(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
 
-def bucketed(shape: Sequence[int], bucket: int) -> tuple[int, ...]:
-    """``shape`` rounded up to a multiple of ``bucket`` voxels per axis.
+def rounded_up(shape: Sequence[int], multiple: int | Sequence[int]) -> tuple[int, ...]:
+    """``shape`` rounded up to a multiple of ``multiple`` per axis (one int for all axes, or
+    one per axis): a model's stride, or a bucket.
 
-    Volumes of similar size then run at one padded shape, so the CUDA allocator reuses its
-    blocks from case to case and cuDNN's kernel choice carries over, for the price of the
-    padded voxels.
+    With a bucket, volumes of similar size run at one padded shape, so the CUDA allocator
+    reuses its blocks from case to case and cuDNN's kernel choice carries over, for the price
+    of the padded voxels.
     """
-    return tuple(-(-n // bucket) * bucket for n in shape)
+    multiples = [multiple] * len(shape) if isinstance(multiple, int) else multiple
+    return tuple(-(-n // m) * m for n, m in zip(shape, multiples, strict=True))
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class SegmentationPlan(Plan):
         if self.roi_size is None:
             how = "whole volume"
             if self.bucket is not None:
-                padded = bucketed(self.shape, self.bucket)
+                padded = rounded_up(self.shape, self.bucket)
                 how += f" padded to {size_text(padded)}" if padded != self.shape else ""
         else:
             where = "in CPU memory" if self.stitch_on_cpu else "on the device"

@@ -25,7 +25,7 @@ from medinv.data.transforms import (
 from medinv.errors import ConfigError, InputError
 from medinv.io import write_atomically
 
-from .plans import bucketed
+from .plans import rounded_up
 from .workloads import model_stride
 
 if TYPE_CHECKING:
@@ -50,7 +50,8 @@ def predict_probabilities(
     it, the whole volume at once. ``tta`` averages over the 8 combinations of flips along
     the spatial axes. ``sw_device``: the model's device where the image (and so the
     stitched output) is elsewhere, e.g. in CPU memory to spare the GPU's. ``bucket``: whole
-    volumes run zero-padded up to a multiple of ``bucket`` voxels per axis (:func:`bucketed`).
+    volumes run zero-padded up to a multiple of ``bucket`` voxels per axis
+    (:func:`~.plans.rounded_up`).
     """
     flips = [()]
     if tta:
@@ -91,17 +92,16 @@ def _whole_volume(model: nn.Module, x: Tensor, bucket: int | None = None) -> Ten
     """``model(x)``, zero-padded at the end of each axis and cropped back where needed: up to
     a multiple of ``bucket``, or for models that need sizes divisible by their stride and do
     not pad (MONAI's SegResNet), up to a multiple of the stride."""
-    sizes = tuple(x.shape[2:])
-    if bucket is not None:
-        padded = bucketed(sizes, bucket)
-    elif any(hasattr(m, "total_stride") for m in model.modules()):
-        return model(x)  # iUNets pad (and crop) themselves
-    else:
+    multiple = bucket
+    if multiple is None:
+        if any(hasattr(m, "total_stride") for m in model.modules()):
+            return model(x)  # iUNets pad (and crop) themselves
         try:
-            stride = model_stride(model)
+            multiple = model_stride(model)
         except ConfigError:
             return model(x)  # a model of unknown stride takes the volume as it is
-        padded = tuple(-(-n // k) * k for n, k in zip(sizes, stride, strict=True))
+    sizes = tuple(x.shape[2:])
+    padded = rounded_up(sizes, multiple)
     if padded == sizes:
         return model(x)
     widths = [p for n, m in zip(reversed(sizes), reversed(padded), strict=True) for p in (0, m - n)]
@@ -128,7 +128,7 @@ def regions_to_labels(regions: Tensor, values: Sequence[int] = (1, 2, 4)) -> Ten
 class SegmentationSettings:
     """How to run a segmentation model on whole cases (``stitch_on_cpu``: keep the image
     and the stitched sliding-window output in CPU memory; windows run on the device;
-    ``bucket``: pad whole volumes up to a multiple of it, :func:`bucketed`)."""
+    ``bucket``: pad whole volumes up to a multiple of it, :func:`~.plans.rounded_up`)."""
 
     roi_size: Sequence[int] | None = (128, 128, 128)
     overlap: float = 0.5
