@@ -1,10 +1,12 @@
 """Reconstruction quality on held-out subjects: i-RIM against the RIM, zero-filled and CS.
 
 Trains one or more i-RIMs and the RIM baseline on ``<set>/<challenge>_train`` with the same
-wall-clock budget (``--minutes``, or the configs' epochs), reconstructs the held-out test
+training-time budget (``--minutes``, or the configs' epochs), reconstructs the held-out test
 files (their own 4x/8x masks) and scores everything against ``<challenge>_test_full``, next
 to the classical baselines of ``recon_baselines.py`` (zero-filled and sigpy L1-wavelet):
 NMSE, PSNR and SSIM per acceleration, with parameters, training time and peak memory.
+Training time is the sum of the epochs' training seconds (what the budget counts, without
+validation); ``--reuse`` scores a run already in the work folder instead of training again.
 
     medinv data kspace --out data/kspace                       # the realistic set
     python benchmarks/recon_quality.py --data data/kspace --minutes 120 \\
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +30,7 @@ from medinv.inference.reconstruction import (  # noqa: E402
     ReconstructionSettings,
     reconstruct_file,
 )
-from medinv.training.checkpoint import load_model  # noqa: E402
+from medinv.training.checkpoint import load_model, read_checkpoint  # noqa: E402
 from medinv.training.config import load_config  # noqa: E402
 from medinv.training.reconstruction import train_reconstruction  # noqa: E402
 
@@ -57,6 +58,13 @@ def main() -> None:
     parser.add_argument("--cs-lambda", type=float, default=1e-3)
     parser.add_argument("--work", type=Path, default=Path("runs/recon_quality"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="score a model whose --work run folder already holds best.pt and metrics.csv "
+        "(e.g. pipelines/train_default_reconstructor.py's run, copied there) instead of "
+        "training it again; its model and budget must be the config's",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -75,9 +83,11 @@ def main() -> None:
             config.train.time_budget_minutes = args.minutes
         if args.epochs is not None:
             config.train.epochs = args.epochs
-        started = time.perf_counter()
-        history = train_reconstruction(config, run, device)
-        minutes = (time.perf_counter() - started) / 60
+        if args.reuse and (run / "best.pt").is_file():
+            history = reused_history(run, config)
+        else:
+            history = train_reconstruction(config, run, device)
+        minutes = history["train_seconds"].sum() / 60
         model, _ = load_model(run / "best.pt")
         model.to(device)
         settings = ReconstructionSettings(overwrite=True)
@@ -123,6 +133,24 @@ def main() -> None:
         ]
     )
     publish(text, args.out)
+
+
+def reused_history(run: Path, config) -> pd.DataFrame:
+    """The epoch table of a finished run in ``run``, checked against ``config``: the same
+    model, and a time budget no larger, so that the scores compare at equal budgets."""
+    payload = read_checkpoint(run / "best.pt")
+    wanted = (config.model.kind, config.model.kwargs())
+    if (payload["kind"], payload["model_config"]) != wanted:
+        raise SystemExit(
+            f"{run}: --reuse found a run of {payload['kind']} {payload['model_config']}, "
+            f"not the config's {wanted[0]} {wanted[1]}"
+        )
+    history = pd.read_csv(run / "metrics.csv")
+    budget = config.train.time_budget_minutes
+    used = history["train_seconds"].iloc[:-1].sum() / 60  # the last epoch may overrun
+    if budget is not None and used >= budget:
+        raise SystemExit(f"{run}: --reuse found {used:.1f} min of training, budget {budget}")
+    return history
 
 
 def _label(kind: str, config: Path, named: bool) -> str:
