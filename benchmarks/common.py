@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def commit() -> str:
 
 def header(device: torch.device, commit_id: str | None = None) -> str:
     """The provenance block every committed result starts with."""
-    command = " ".join(["python", *sys.argv])
+    command = shlex.join(["python", *sys.argv])
     return "\n".join(
         [
             f"- device: {describe(device)}",
