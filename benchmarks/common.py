@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from argparse import ArgumentParser
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +77,14 @@ def header(device: torch.device, commit_id: str | None = None) -> str:
             f"- date: {time.strftime('%Y-%m-%d')}",
         ]
     )
+
+
+def add_kspace_set_arguments(parser: ArgumentParser, required: bool = True) -> None:
+    """``--data`` (a ``medinv data kspace`` set) and ``--challenge``."""
+    parser.add_argument(
+        "--data", type=Path, required=required, help="a set built by `medinv data kspace`"
+    )
+    parser.add_argument("--challenge", default="multicoil", choices=["multicoil", "singlecoil"])
 
 
 def gib(n: int | None) -> str:

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import header, publish  # noqa: E402
+from benchmarks.common import add_kspace_set_arguments, header, publish  # noqa: E402
 from medinv.metrics.reconstruction import METRICS, evaluate_directories  # noqa: E402
 from medinv.mri import acs_sensitivities, center_crop, espirit_maps, ifft2c, rss  # noqa: E402
 from medinv.mri.io import KSpaceFile, write_reconstruction  # noqa: E402
@@ -106,8 +106,7 @@ def run(data: Path, challenge: str, lamda: float, iters: int, work: Path) -> pd.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="a set built by `medinv data kspace`")
-    parser.add_argument("--challenge", choices=["multicoil", "singlecoil"], default="multicoil")
+    add_kspace_set_arguments(parser, required=False)
     parser.add_argument("--lamda", type=float, default=0.005, help="L1-wavelet weight")
     parser.add_argument("--iters", type=int, default=30, help="L1-wavelet iterations")
     parser.add_argument("--out", type=Path, help="write the table (Markdown) here too")

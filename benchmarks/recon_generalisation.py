@@ -29,22 +29,20 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import header, publish  # noqa: E402
+from benchmarks.common import add_kspace_set_arguments, header, publish  # noqa: E402
 from medinv.data.anatomy import require_anatomy  # noqa: E402
 from medinv.data.kspace import HELD_OUT_SOURCES, KSpaceSetConfig, build_kspace_set  # noqa: E402
 from medinv.errors import ResourceError  # noqa: E402
 from medinv.inference.reconstruction import ReconstructionSettings, reconstruct_file  # noqa: E402
+from medinv.metrics.reconstruction import METRICS  # noqa: E402
 from medinv.training.checkpoint import load_model  # noqa: E402
-
-METRICS = ["NMSE", "PSNR", "SSIM"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", type=Path, required=True, help="a `medinv data kspace` set")
-    parser.add_argument("--challenge", default="multicoil", choices=["multicoil", "singlecoil"])
+    add_kspace_set_arguments(parser)
     parser.add_argument(
         "--model", nargs="+", required=True, metavar="NAME=CHECKPOINT", help="models to score"
     )

@@ -24,26 +24,25 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import header, publish  # noqa: E402
+from benchmarks.common import add_kspace_set_arguments, header, publish  # noqa: E402
 from benchmarks.recon_baselines import run as run_baselines  # noqa: E402
 from medinv.inference.reconstruction import (  # noqa: E402
     ReconstructionSettings,
     reconstruct_file,
 )
+from medinv.metrics.reconstruction import METRICS  # noqa: E402
 from medinv.training.checkpoint import load_model, read_checkpoint  # noqa: E402
 from medinv.training.config import load_config  # noqa: E402
 from medinv.training.reconstruction import train_reconstruction  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ["NMSE", "PSNR", "SSIM"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", type=Path, required=True, help="a `medinv data kspace` set")
-    parser.add_argument("--challenge", default="multicoil", choices=["multicoil", "singlecoil"])
+    add_kspace_set_arguments(parser)
     parser.add_argument(
         "--irim",
         type=Path,
