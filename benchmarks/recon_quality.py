@@ -53,6 +53,12 @@ def main() -> None:
     parser.add_argument("--rim", type=Path, default=ROOT / "configs/rim_multicoil.yaml")
     parser.add_argument("--minutes", type=float, help="training budget per model")
     parser.add_argument("--epochs", type=int, help="override the configs' epochs")
+    parser.add_argument(
+        "--lr-step-fraction",
+        type=float,
+        help="override the configs' schedules: every model's learning rate drops at the same "
+        "shares of its budget (train.lr_step_fraction)",
+    )
     parser.add_argument("--cs-iters", type=int, default=50)
     parser.add_argument("--cs-lambda", type=float, default=1e-3)
     parser.add_argument("--work", type=Path, default=Path("runs/recon_quality"))
@@ -82,6 +88,8 @@ def main() -> None:
             config.train.time_budget_minutes = args.minutes
         if args.epochs is not None:
             config.train.epochs = args.epochs
+        if args.lr_step_fraction is not None:
+            config.train.lr_step_fraction = args.lr_step_fraction
         if args.reuse and (run / "best.pt").is_file():
             history = reused_history(run, config)
         else:
@@ -136,7 +144,8 @@ def main() -> None:
 
 def reused_history(run: Path, config) -> pd.DataFrame:
     """The epoch table of a finished run in ``run``, checked against ``config``: the same
-    model, and a time budget no larger, so that the scores compare at equal budgets."""
+    model and training settings, and no more training time than the budget, so that the
+    scores compare at equal budgets."""
     payload = read_checkpoint(run / "best.pt")
     wanted = (config.model.kind, config.model.kwargs())
     if (payload["kind"], payload["model_config"]) != wanted:
@@ -144,6 +153,10 @@ def reused_history(run: Path, config) -> pd.DataFrame:
             f"{run}: --reuse found a run of {payload['kind']} {payload['model_config']}, "
             f"not the config's {wanted[0]} {wanted[1]}"
         )
+    trained, wanted_train = payload.get("config", {}).get("train", {}), config.train.model_dump()
+    differ = sorted(k for k in wanted_train if trained.get(k) != wanted_train[k])
+    if differ:
+        raise SystemExit(f"{run}: --reuse found a run trained otherwise ({', '.join(differ)})")
     history = pd.read_csv(run / "metrics.csv")
     budget = config.train.time_budget_minutes
     used = history["train_seconds"].iloc[:-1].sum() / 60  # the last epoch may overrun

@@ -160,6 +160,15 @@ class ReconstructionTraining(_Strict):
     time_budget_minutes: float | None = Field(None, gt=0)
     lr: float = Field(1e-4, gt=0)
     lr_step_epochs: int = Field(10, ge=1, description="the learning rate drops every ...")
+    lr_step_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="the learning rate drops each time this share of the run is done: of "
+        "its epochs or of its time budget, whichever is further along; replaces "
+        "lr_step_epochs, so that a time-budgeted run drops at the same point of its budget "
+        "on any device",
+    )
     lr_gamma: float = Field(0.5, gt=0, le=1)
     ssim_weight: float = Field(1.0, ge=0)
     l1_weight: float = Field(1.0, ge=0)

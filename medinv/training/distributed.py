@@ -84,6 +84,15 @@ def agree(flag: bool, job: Distributed | None) -> bool:
     return bool(value.item())
 
 
+def largest(value: float, job: Distributed | None) -> float:
+    """The largest of the processes' ``value`` (e.g. how far a time-budgeted run is)."""
+    if job is None:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def smallest(value: int, job: Distributed | None) -> int:
     """The smallest of the processes' ``value`` (e.g. a micro-batch each one planned)."""
     if job is None:

@@ -30,8 +30,8 @@ from medinv.mri.io import KSpaceFile
 from medinv.mri.masks import MaskFunc, create_mask_func
 
 from .config import ReconstructionConfig
-from .distributed import Distributed, agree, sampler, wrap
-from .run import TrainingRun
+from .distributed import Distributed, agree, largest, sampler, wrap
+from .run import ProgressStepLR, TrainingRun
 
 Progress = Callable[[str, int, int], None]
 
@@ -157,7 +157,14 @@ def train_reconstruction(
     kind, kwargs = config.model.kind, config.model.kwargs()
     model = build_model(kind, kwargs).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_step_epochs, t.lr_gamma)
+    if t.lr_step_fraction is None:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_step_epochs, t.lr_gamma)
+    else:
+
+        def share_done() -> float:  # the run is made below; the furthest process decides
+            return largest(run.progress(), job)
+
+        scheduler = ProgressStepLR(optimizer, t.lr_step_fraction, t.lr_gamma, share_done)
     loss_fn = ReconstructionLoss(t.ssim_weight, t.l1_weight)
     run = TrainingRun(
         out_dir,

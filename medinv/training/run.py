@@ -16,6 +16,35 @@ from .checkpoint import read_checkpoint, save_checkpoint
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class ProgressStepLR(torch.optim.lr_scheduler.LRScheduler):
+    """The learning rate times ``gamma`` each time another ``fraction`` of the run is done.
+
+    ``progress()`` says how far the run is (0 to 1) when the scheduler steps, at the end of
+    an epoch (:meth:`TrainingRun.progress`). In a time-budgeted run the drops then come at
+    the same share of the budget whatever the device's speed, where a fixed epoch count is
+    reached late or never on a slower one.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        fraction: float,
+        gamma: float,
+        progress: Callable[[], float],
+    ):
+        self.fraction, self.gamma, self.progress = fraction, gamma, progress
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        if self.last_epoch == 0:  # the scheduler's construction, before any epoch
+            return list(self.base_lrs)
+        drops = int(self.progress() / self.fraction + 1e-9)
+        return [lr * self.gamma**drops for lr in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k != "progress"}
+
+
 class TrainingRun:
     """One run folder: ``last.pt`` (with optimizer and scheduler, for ``resume``),
     ``best.pt`` (best score so far), ``metrics.csv`` (one row per epoch) and TensorBoard logs.
@@ -140,6 +169,16 @@ class TrainingRun:
         if self.device.type == "cuda":
             row["peak_memory_GiB"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return row
+
+    def progress(self) -> float:
+        """How far the run is at the end of the epoch under way: the larger of the share of
+        its epochs done and the share of its time budget used (it stops when either is 1)."""
+        done = (len(self.history) + 1) / self.config.train.epochs
+        if self.budget is None:
+            return done
+        seconds = sum(r["train_seconds"] for r in self.history)
+        seconds += time.perf_counter() - self._started
+        return max(done, seconds / 60 / self.budget)
 
     def budget_used(self, row: dict[str, Any]) -> bool:
         """Whether the time budget is used up with the epoch of ``row`` (not yet recorded):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
 
 from medinv.models.rim import RIM
@@ -80,7 +81,12 @@ def test_torchrun_micro_batches_take_the_same_steps_as_whole_batches(tmp_path):
                         "center_fractions": [0.08],
                     },
                     "model": {"kind": "rim", "steps": 2, "hidden_channels": 4},
-                    "train": {"epochs": 1, "batch_size": 2, "micro_batch_size": micro},
+                    "train": {
+                        "epochs": 1,
+                        "batch_size": 2,
+                        "micro_batch_size": micro,
+                        "lr_step_fraction": 0.5,  # the processes agree on the drops
+                    },
                 }
             )
         )
@@ -92,7 +98,9 @@ def test_torchrun_micro_batches_take_the_same_steps_as_whole_batches(tmp_path):
         ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        weights[micro] = read_checkpoint(out / "last.pt")["state_dict"]
+        state = read_checkpoint(out / "last.pt")
+        weights[micro] = state["state_dict"]
+        assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4 * 0.5**2)
     torch.manual_seed(0)  # as training seeds before building the model
     initial = RIM(steps=2, hidden_channels=4).state_dict()
     for key, value in weights[None].items():

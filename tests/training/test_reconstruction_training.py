@@ -140,3 +140,74 @@ def test_the_epoch_that_uses_up_the_time_budget_is_validated(kspace_set, tmp_pat
     history = reconstruction.train_reconstruction(config, tmp_path / "run", torch.device("cpu"))
     assert list(history["epoch"]) == [1]
     assert history["SSIM"].notna().all()
+
+
+def test_lr_drops_at_each_share_of_the_run_and_resumes_there(tmp_path):
+    from medinv.training.run import ProgressStepLR
+
+    shares = iter([0.1, 0.3, 0.45, 0.6, 0.95])
+    weight = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = ProgressStepLR(optimizer, 0.3, 0.5, lambda: next(shares))
+    rates = []
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == [1.0, 0.5, 0.5, 0.25]
+    # Checkpoints load with weights_only=True: the progress function is not saved.
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        p := tmp_path / "s.pt",
+    )
+    state = torch.load(p, weights_only=True)
+    assert "progress" not in state["scheduler"]
+    # Resumed as TrainingRun does: new optimizer and scheduler, then both states loaded.
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = ProgressStepLR(optimizer, 0.3, 0.5, lambda: next(shares))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    assert optimizer.param_groups[0]["lr"] == 0.25
+    optimizer.step()
+    scheduler.step()  # 0.95 of the run: three drops from the first rate
+    assert optimizer.param_groups[0]["lr"] == 0.125
+
+
+def test_run_progress_is_the_larger_share_of_epochs_and_of_time_budget():
+    import time
+    from types import SimpleNamespace
+
+    from medinv.training.run import TrainingRun
+
+    run = SimpleNamespace(
+        config=SimpleNamespace(train=SimpleNamespace(epochs=100)),
+        history=[{"train_seconds": 30.0}],
+        budget=2.0,
+        _started=time.perf_counter() - 30.0,
+    )
+    assert TrainingRun.progress(run) == pytest.approx(0.5, rel=0.02)  # 60 s of 2 minutes
+    run.budget = None
+    assert TrainingRun.progress(run) == pytest.approx(0.02)  # 2 of 100 epochs
+    run.budget, run.config.train.epochs = 60.0, 4
+    assert TrainingRun.progress(run) == pytest.approx(0.5)  # 2 of 4 epochs, little time
+
+
+def test_training_drops_the_lr_at_shares_of_the_run(kspace_set, tmp_path, monkeypatch):
+    monkeypatch.setattr(reconstruction, "build_model", lambda kind, kwargs: ScaledZeroFilled())
+    config = _config(kspace_set, 4)
+    config.train.lr_step_fraction, config.train.lr_gamma = 0.5, 0.5
+    reconstruction.train_reconstruction(config, tmp_path / "run", torch.device("cpu"))
+    state = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.5**2)
+    config.train.lr_step_fraction = None  # lr_step_epochs 100: no drop in 4 epochs
+    reconstruction.train_reconstruction(config, tmp_path / "plain", torch.device("cpu"))
+    state = read_checkpoint(tmp_path / "plain" / "last.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05)
+
+
+def test_lr_step_fraction_is_a_share():
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="lr_step_fraction"):
+            ReconstructionConfig.model_validate(
+                {"task": "reconstruct", "data": {"train": "x"}, "train": {"lr_step_fraction": bad}}
+            )
