@@ -711,7 +711,7 @@ def _print_history(history, out: Path) -> None:
     columns = [
         c
         for c in history.columns
-        if c in ("epoch", "loss", "train_seconds", "peak_memory_GiB", "NMSE", "PSNR", "SSIM")
+        if c in ("epoch", "loss", "lr", "train_seconds", "peak_memory_GiB", "NMSE", "PSNR", "SSIM")
         or c.startswith("dice_")
     ]
     for column in columns:

@@ -95,7 +95,7 @@ class TrainingRun:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-        self._started = 0.0
+        self._started, self._lr = 0.0, float("nan")
 
     def autocast(self) -> torch.autocast:
         """The forward pass's mixed-precision context (off for ``amp="none"``)."""
@@ -125,6 +125,7 @@ class TrainingRun:
         multi-process job, the distributed ``sampler`` reshuffled."""
         for epoch in range(self.start_epoch, self.config.train.epochs):
             self.model.train()
+            self._lr = self.optimizer.param_groups[0]["lr"]
             self._started = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -160,11 +161,13 @@ class TrainingRun:
         return (epoch + 1) % t.val_interval == 0 or epoch + 1 == t.epochs
 
     def epoch_row(self, epoch: int, losses: list[float]) -> dict[str, Any]:
-        """The row of a finished training epoch: loss, time and (CUDA) peak memory."""
+        """The row of a finished training epoch: loss, time, the learning rate it trained
+        at and (CUDA) peak memory."""
         row: dict[str, Any] = {
             "epoch": epoch,
             "loss": sum(losses) / max(len(losses), 1),
             "train_seconds": time.perf_counter() - self._started,
+            "lr": self._lr,
         }
         if self.device.type == "cuda":
             row["peak_memory_GiB"] = torch.cuda.max_memory_allocated(self.device) / 2**30

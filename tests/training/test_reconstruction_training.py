@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -199,6 +200,9 @@ def test_training_drops_the_lr_at_shares_of_the_run(kspace_set, tmp_path, monkey
     reconstruction.train_reconstruction(config, tmp_path / "run", torch.device("cpu"))
     state = read_checkpoint(tmp_path / "run" / "last.pt")
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.5**2)
+    # metrics.csv: the rate each epoch trained at; the drops after epochs 2 and 4 of 4.
+    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert history["lr"].tolist() == pytest.approx([0.05, 0.05, 0.025, 0.025])
     config.train.lr_step_fraction = None  # lr_step_epochs 100: no drop in 4 epochs
     reconstruction.train_reconstruction(config, tmp_path / "plain", torch.device("cpu"))
     state = read_checkpoint(tmp_path / "plain" / "last.pt")
