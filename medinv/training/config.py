@@ -45,6 +45,12 @@ class SegmentationTraining(_Strict):
         None, gt=0, description="stop after the epoch in which this much training time is used"
     )
     lr: float = Field(1e-3, gt=0)
+    lr_schedule_over: Literal["epochs", "run"] = Field(
+        "epochs",
+        description="the cosine schedule spans the configured epochs, or the run: its epochs "
+        "or its time budget, whichever is further along (so that a time-budgeted run anneals "
+        "within its budget on any device)",
+    )
     weight_decay: float = Field(1e-5, ge=0)
     loss: Literal["dice", "dice_ce"] = "dice"
     amp: Literal["none", "bf16", "fp16"] = "none"

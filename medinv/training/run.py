@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -16,33 +17,48 @@ from .checkpoint import read_checkpoint, save_checkpoint
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ProgressStepLR(torch.optim.lr_scheduler.LRScheduler):
-    """The learning rate times ``gamma`` each time another ``fraction`` of the run is done.
+class ProgressLR(torch.optim.lr_scheduler.LRScheduler):
+    """A learning rate that follows how far the run is, not how many epochs it has run.
 
     ``progress()`` says how far the run is (0 to 1) when the scheduler steps, at the end of
-    an epoch (:meth:`TrainingRun.progress`). In a time-budgeted run the drops then come at
-    the same share of the budget whatever the device's speed, where a fixed epoch count is
-    reached late or never on a slower one.
+    an epoch (:meth:`TrainingRun.progress`). In a time-budgeted run the schedule then spans
+    the budget whatever the device's speed, where one over a fixed number of epochs ends
+    late or never on a slower device. Subclasses give the rate's factor at a share.
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        fraction: float,
-        gamma: float,
-        progress: Callable[[], float],
-    ):
-        self.fraction, self.gamma, self.progress = fraction, gamma, progress
+    def __init__(self, optimizer: torch.optim.Optimizer, progress: Callable[[], float]):
+        self.progress = progress
         super().__init__(optimizer)
+
+    def factor(self, share: float) -> float:
+        raise NotImplementedError
 
     def get_lr(self) -> list[float]:
         if self.last_epoch == 0:  # the scheduler's construction, before any epoch
             return list(self.base_lrs)
-        drops = int(self.progress() / self.fraction + 1e-9)
-        return [lr * self.gamma**drops for lr in self.base_lrs]
+        factor = self.factor(min(self.progress(), 1.0))
+        return [lr * factor for lr in self.base_lrs]
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in super().state_dict().items() if k != "progress"}
+
+
+class ProgressStepLR(ProgressLR):
+    """The learning rate times ``gamma`` each time another ``fraction`` of the run is done."""
+
+    def __init__(self, optimizer, fraction: float, gamma: float, progress):
+        self.fraction, self.gamma = fraction, gamma
+        super().__init__(optimizer, progress)
+
+    def factor(self, share: float) -> float:
+        return self.gamma ** int(share / self.fraction + 1e-9)
+
+
+class ProgressCosineLR(ProgressLR):
+    """Cosine annealing from the initial learning rate to zero over the run."""
+
+    def factor(self, share: float) -> float:
+        return 0.5 * (1 + math.cos(math.pi * share))
 
 
 class TrainingRun:

@@ -27,8 +27,8 @@ from medinv.inference.segmentation import predict_probabilities
 from medinv.models import build_model
 
 from .config import SegmentationConfig
-from .distributed import Distributed, agree, sampler, wrap
-from .run import TrainingRun
+from .distributed import Distributed, agree, largest, sampler, wrap
+from .run import ProgressCosineLR, TrainingRun
 
 REGIONS = ("TC", "WT", "ET")
 Progress = Callable[[str, int, int], None]
@@ -84,7 +84,14 @@ def train_segmentation(
     kind, kwargs = config.model.kind, config.model_kwargs()
     model = build_model(kind, kwargs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    if t.lr_schedule_over == "epochs":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    else:
+
+        def share_done() -> float:  # the run is made below; the furthest process decides
+            return largest(run.progress(), job)
+
+        scheduler = ProgressCosineLR(optimizer, share_done)
     loss_fn = (DiceCELoss if t.loss == "dice_ce" else DiceLoss)(
         sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True
     )

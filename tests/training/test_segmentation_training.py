@@ -102,3 +102,19 @@ def test_time_budget_stops_training_and_segresnet_baseline_trains(tmp_path):
     assert (tmp_path / "run" / "best.pt").is_file()
     model, payload = load_model(tmp_path / "run" / "last.pt")
     assert payload["kind"] == "segresnet" and type(model).__name__ == "SegResNet"
+
+
+def test_cosine_over_the_run_is_cosine_over_the_epochs_without_a_budget(tmp_path):
+    """Without a time budget the run's share is its share of epochs: the same rates."""
+    cases = [write_case(tmp_path / "cases", f"case{i}", seed=i) for i in range(2)]
+    rates = {}
+    for over in ("epochs", "run"):
+        config = _config(tmp_path, epochs=3)
+        config.train.lr_schedule_over = over
+        config.train.val_interval = 10
+        history = train_segmentation(
+            config, cases[:1], cases[1:], tmp_path / over, torch.device("cpu")
+        )
+        rates[over] = history["lr"].tolist()
+    assert rates["epochs"] == pytest.approx([3e-3, 3e-3 * 0.75, 3e-3 * 0.25])
+    assert rates["run"] == pytest.approx(rates["epochs"])
