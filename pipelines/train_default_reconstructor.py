@@ -122,6 +122,11 @@ def model_card(args, config, history, table, minutes, weights, device) -> str:
                 f"{group['SSIM' + suffix].mean():.4f} |"
             )
     v = SMALL_SET.volumes
+    schedule = (
+        f"every {t.lr_step_epochs} epochs"
+        if t.lr_step_fraction is None
+        else f"at every {t.lr_step_fraction:.0%} of the run"
+    )
     return f"""# {args.name}: default multi-coil i-RIM
 
 **Not for clinical use.** A small i-RIM trained on simulated multi-coil k-space made from
@@ -138,7 +143,7 @@ patient data.
   volumes (Colin27, a different subject), {2 * SMALL_SET.matrix}x{SMALL_SET.matrix} k-space.
 - Recipe: `configs/{args.config.name}`: {len(history)} epochs, masks drawn per slice ({d.mask_type})
   at {d.accelerations}x (centre fractions {d.center_fractions}), ACS coil maps, Adam lr
-  {t.lr} (x{t.lr_gamma} every {t.lr_step_epochs} epochs), loss {t.ssim_weight} (1 - SSIM)
+  {t.lr} (x{t.lr_gamma} {schedule}), loss {t.ssim_weight} (1 - SSIM)
   + {t.l1_weight} L1 on the target grid, seed {t.seed}; trained in {minutes:.0f} min on
   {describe(device)}, torch {torch.__version__}.
 - Best validation SSIM {best["SSIM"]:.4f} at epoch {int(best["epoch"])}.
