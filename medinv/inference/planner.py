@@ -215,9 +215,7 @@ class Planner:
         if len(shape) != len(stride):
             raise InputError(f"the model takes {len(stride)}D volumes, got {size_text(shape)}")
         padded = rounded_up(shape, stride)
-        floor = tuple(
-            min(p, _round_up(self.min_roi, s)) for p, s in zip(padded, stride, strict=True)
-        )
+        floor = tuple(map(min, padded, rounded_up((self.min_roi,) * len(stride), stride)))
         smallest = tuple(min(p, 2 * s) for p, s in zip(padded, stride, strict=True))
         return padded, floor, smallest
 
@@ -452,7 +450,3 @@ def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> i
         interval = max(1, int(r * (1 - overlap)))
         count *= math.ceil((n - r) / interval) + 1
     return count
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
