@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -85,6 +86,11 @@ def add_kspace_set_arguments(parser: ArgumentParser, required: bool = True) -> N
         "--data", type=Path, required=required, help="a set built by `medinv data kspace`"
     )
     parser.add_argument("--challenge", default="multicoil", choices=["multicoil", "singlecoil"])
+
+
+def folder_name(label: str) -> str:
+    """A run folder's name for a table row's label: ``"i-RIM (small)"`` -> ``i-RIM_small``."""
+    return re.sub(r"[^\w.-]+", "_", label).strip("_")
 
 
 def gib(n: int | None) -> str:

@@ -21,7 +21,6 @@ another on the training subject and trails it on the new one generalises less fa
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import add_kspace_set_arguments, header, publish  # noqa: E402
+from benchmarks.common import add_kspace_set_arguments, folder_name, header, publish  # noqa: E402
 from medinv.data.anatomy import require_anatomy  # noqa: E402
 from medinv.data.kspace import HELD_OUT_SOURCES, KSpaceSetConfig, build_kspace_set  # noqa: E402
 from medinv.errors import ResourceError  # noqa: E402
@@ -66,19 +65,22 @@ def main() -> None:
     sets = {"training subject (ICBM)": seen, "new subject (Colin27)": new_subject}
 
     rows = []
+    first = next(iter(models))
     for name, checkpoint in models.items():
         model, _ = load_model(checkpoint)
         model.to(device).eval()
+        out = args.work / "out" / folder_name(name)
+        # zero-filled is the same for every model (masks seeded by file name): rows once
+        methods = [(name, "")] + ([("zero-filled", " zero-filled")] if name == first else [])
         for set_name, files in sets.items():
             for acceleration in args.accelerations:
                 settings = ReconstructionSettings(
                     acceleration=acceleration, mask_type=args.mask_type, overwrite=True
                 )
-                out = args.work / "out" / re.sub(r"[^\w.-]+", "_", name).strip("_")
                 scores = pd.DataFrame(
                     [reconstruct_file(model, f, out, settings, device) for f in files]
                 )
-                for method, suffix in ((name, ""), ("zero-filled", " zero-filled")):
+                for method, suffix in methods:
                     rows.append(
                         {
                             "subject": set_name,
@@ -88,12 +90,10 @@ def main() -> None:
                             **{m: scores[m + suffix].mean() for m in METRICS},
                         }
                     )
-        print(pd.DataFrame(rows).drop_duplicates().to_string(index=False), flush=True)
+        print(pd.DataFrame(rows).to_string(index=False), flush=True)
 
-    table = (
-        pd.DataFrame(rows)
-        .drop_duplicates(["subject", "acceleration", "method"])
-        .sort_values(["subject", "acceleration", "SSIM"], ascending=[False, True, False])
+    table = pd.DataFrame(rows).sort_values(
+        ["subject", "acceleration", "SSIM"], ascending=[False, True, False]
     )
     text = "\n".join(
         [

@@ -16,7 +16,6 @@ validation); ``--reuse`` scores a run already in the work folder instead of trai
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import add_kspace_set_arguments, header, publish  # noqa: E402
+from benchmarks.common import add_kspace_set_arguments, folder_name, header, publish  # noqa: E402
 from benchmarks.recon_baselines import run as run_baselines  # noqa: E402
 from medinv.inference.reconstruction import (  # noqa: E402
     ReconstructionSettings,
@@ -68,7 +67,7 @@ def main() -> None:
         action="store_true",
         help="score a model whose --work run folder already holds best.pt and metrics.csv "
         "(e.g. pipelines/train_default_reconstructor.py's run, copied there) instead of "
-        "training it again; its model and budget must be the config's",
+        "training it again; its model and training settings must be the config's",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -79,7 +78,7 @@ def main() -> None:
     rows = []
     models = [(_label("i-RIM", p, len(args.irim) > 1), p) for p in args.irim]
     for name, path in [*models, ("RIM", args.rim)]:
-        run = args.work / re.sub(r"[^\w.-]+", "_", name).strip("_")  # i-RIM_irim_small
+        run = args.work / folder_name(name)  # i-RIM_irim_small
         config = load_config(path, task="reconstruct")
         config.data.train = args.data / f"{args.challenge}_train"
         config.data.val = args.data / f"{args.challenge}_val"
