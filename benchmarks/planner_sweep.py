@@ -28,6 +28,7 @@ from benchmarks.memory_planner import CONFIGS, Inputs, reconstruct_volume  # noq
 from medinv.inference.memory_model import resident_bytes  # noqa: E402
 from medinv.inference.peak import measure_peak, release_memory  # noqa: E402
 from medinv.inference.planner import Planner  # noqa: E402
+from medinv.inference.plans import parse_memory  # noqa: E402
 from medinv.models import build_model  # noqa: E402
 from medinv.training.config import load_config  # noqa: E402
 
@@ -40,6 +41,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 24, 32, 35, 38, 41])
     parser.add_argument("--config", type=Path, default=CONFIGS / "irim_multicoil.yaml")
     parser.add_argument("--snapshot", type=Path, help="CUDA: the largest batch's history")
+    parser.add_argument(
+        "--budget",
+        help="CUDA: cap the process's memory (set_per_process_memory_fraction), as "
+        "memory_planner.py emulates a smaller card, e.g. 32GiB",
+    )
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="run with torch.backends.cudnn.benchmark"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the table (markdown) here")
     args = parser.parse_args()
@@ -47,6 +56,10 @@ def main() -> None:
     if device.type == "cuda":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+    if args.budget and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_memory(args.budget) / total))
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     config = load_config(args.config, task="reconstruct")
     model = build_model(config.model.kind, config.model.kwargs()).to(device).eval()
@@ -94,6 +107,7 @@ def main() -> None:
             f"- model: `{args.config.name}`; calibrated slope "
             f"{calibration.slope * height * width / 2**20:.1f} MiB per slice, intercept "
             f"{calibration.intercept / 2**20:.1f} MiB",
+            f"- memory cap: {args.budget or 'none'}; cudnn.benchmark: {args.cudnn_benchmark}",
             "",
             table.to_markdown(index=False, floatfmt=".3f"),
         ]
