@@ -28,8 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import orthogonal
 from .base import InvertibleModule, chain_context, using_context, zero_log_det
 from .memory import storage_uses as _storage_uses
+from .orthogonal import OrthogonalConv, WeightBatch, batched_weights
 
 
 class InvertibleSequential(InvertibleModule):
@@ -112,7 +114,8 @@ class InvertibleSequential(InvertibleModule):
     def _run(self, x: Tensor, with_log_det: bool, overwrite_input: bool = False):
         program = self._program()
         if not torch.is_grad_enabled():
-            return _forward_program(program, x, with_log_det, overwrite_input)
+            with batched_weights(_weight_batch(program)):
+                return _forward_program(program, x, with_log_det, overwrite_input)
         if not (self.memory_efficient and program):
             return _forward_program(program, x, with_log_det)
         states = [_block_state(s) if isinstance(s, InvertibleModule) else ([], []) for s in program]
@@ -260,6 +263,18 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
+def _weight_batch(program: list[_Step]) -> WeightBatch | None:
+    """The chain's orthogonal 1x1 convolutions, their weights computed together."""
+    convs = [
+        m
+        for step in program
+        if isinstance(step, nn.Module)
+        for m in step.modules()
+        if isinstance(m, OrthogonalConv)
+    ]
+    return WeightBatch(convs) if convs and orthogonal.BATCH_WEIGHTS else None
+
+
 def _forward_program(
     program: list[_Step], x: Tensor, with_log_det: bool, overwrite_input: bool = False
 ):
@@ -309,8 +324,14 @@ class _ChainRun:
     autocast: _AutocastState | None = None
     cuda_device: int | None = None
     param_versions: list[int] = field(default_factory=list)
+    weights: WeightBatch | None = None
 
     def forward(self, x: Tensor):
+        self.weights = _weight_batch(self.program)
+        with batched_weights(self.weights):
+            return self._forward(x)
+
+    def _forward(self, x: Tensor):
         self.autocast = _AutocastState.capture(x.device.type)
         self.cuda_device = x.device.index if x.is_cuda else None
         caller = x.untyped_storage().data_ptr()
@@ -330,6 +351,20 @@ class _ChainRun:
         return x, x.new_zeros(x.shape[0]) if total is None else total
 
     def backward(
+        self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        if self.weights is not None:
+            self.weights.discard_grads()  # what an interrupted backward may have left
+        with batched_weights(self.weights):
+            grad_x, grads = self._backward(y, grad_y, grad_log_det)
+        if self.weights is not None:  # the orthogonal layers' gradients, in one call
+            index = {id(p): i for i, p in enumerate(self.params)}
+            for p, g in self.weights.grads():
+                i = index[id(p)]
+                grads[i] = g if grads[i] is None else grads[i] + g
+        return grad_x, grads
+
+    def _backward(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None
     ) -> tuple[Tensor, list[Tensor | None]]:
         if [p._version for p in self.params] != self.param_versions:

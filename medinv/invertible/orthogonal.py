@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal
 
 import torch
@@ -111,7 +113,15 @@ class OrthogonalConv(InvertibleModule):
         self.theta = nn.Parameter(theta)
 
     def weight(self) -> Tensor:
-        """The current orthogonal matrix ``W`` of shape ``(C, C)``."""
+        """The current orthogonal matrix ``W`` of shape ``(C, C)``.
+
+        Without grad mode, inside :func:`batched_weights`, it is the one computed there
+        for all the layers at once."""
+        batch = _BATCH.get()
+        if batch is not None and not torch.is_grad_enabled():
+            cached = batch.weights.get(id(self))
+            if cached is not None:
+                return cached
         return orthogonal_weight(self.theta, self.parametrization)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,8 +136,7 @@ class OrthogonalConv(InvertibleModule):
     def backward_pass(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
-        with torch.enable_grad():
-            w = self.weight()
+        w = backward_weight(self)
         w_t = w.detach().mT
         flat_y, flat_grad = _flat_view(y), _flat_view(grad_y)
         if flat_y is None or flat_grad is None:
@@ -140,11 +149,102 @@ class OrthogonalConv(InvertibleModule):
             # time, so that the state is never held twice.
             x, grad_x = y, grad_y
             grad_w = _unmix_in_place(flat_y, flat_grad, w_t).to(w.dtype)
-        grads = torch.autograd.grad(w, params, grad_w, allow_unused=True) if params else ()
-        return x, grad_x, list(grads)
+        return x, grad_x, weight_grads(self, w, grad_w, params)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, parametrization={self.parametrization!r}"
+
+
+def backward_weight(conv: OrthogonalConv) -> Tensor:
+    """``conv``'s weight for a memory-efficient backward: the batch's inside
+    :func:`batched_weights`, otherwise computed with a graph for :func:`weight_grads`."""
+    batch = _BATCH.get()
+    if batch is not None and id(conv) in batch.weights:
+        return batch.weights[id(conv)]
+    with torch.enable_grad():
+        return conv.weight()
+
+
+def weight_grads(
+    conv: OrthogonalConv, w: Tensor, grad_w: Tensor, params: Sequence[Tensor]
+) -> ParamGrads:
+    """The parameters' gradients from ``dL/dW`` of ``conv``'s weight ``w``; inside
+    :func:`batched_weights`, ``dL/dW`` is kept for the batch's :meth:`WeightBatch.grads`
+    instead, and none are returned here."""
+    batch = _BATCH.get()
+    if batch is not None and id(conv) in batch.weights:
+        batch.add_grad(conv, grad_w)
+        return [None] * len(params)
+    return list(torch.autograd.grad(w, params, grad_w, allow_unused=True)) if params else []
+
+
+class WeightBatch:
+    """The weights of several :class:`OrthogonalConv` layers, computed in one batched call
+    per parametrization and size, and their parameters' gradients likewise.
+
+    Each ``orthogonal_weight`` call runs a few hundred small operators (``matrix_exp``'s
+    series and squarings, the Newton step, in float64), which on a GPU cost host time
+    per operator whatever the matrix size; the i-RIM calls it six times per layer and
+    training step. In a batch, a chain's forward computes each weight once, and its
+    backward collects every layer's ``dL/dW`` and back-propagates them in one call.
+    """
+
+    def __init__(self, convs: Iterable[OrthogonalConv]):
+        groups: dict[tuple, list[OrthogonalConv]] = {}
+        for conv in {id(c): c for c in convs}.values():
+            t = conv.theta
+            key = (conv.parametrization, tuple(t.shape), t.dtype, t.device)
+            groups.setdefault(key, []).append(conv)
+        self.groups = list(groups.values())
+        self.weights: dict[int, Tensor] = {}
+        self._grads: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for group in self.groups:
+                theta = torch.stack([c.theta for c in group])
+                w = orthogonal_weight(theta, group[0].parametrization)
+                self.weights.update(zip(map(id, group), w.unbind(0), strict=True))
+
+    def add_grad(self, conv: OrthogonalConv, grad_w: Tensor) -> None:
+        """Add ``dL/dW`` of one use of ``conv``'s weight."""
+        known = self._grads.get(id(conv))
+        self._grads[id(conv)] = grad_w if known is None else known + grad_w
+
+    def discard_grads(self) -> None:
+        self._grads = {}
+
+    def grads(self) -> list[tuple[nn.Parameter, Tensor]]:
+        """``(theta, dL/dtheta)`` of every layer given a ``dL/dW`` since the last call."""
+        out = []
+        for group in self.groups:
+            used = [c for c in group if id(c) in self._grads]
+            if not used:
+                continue
+            theta = torch.stack([c.theta.detach() for c in used]).requires_grad_()
+            with torch.enable_grad():
+                w = orthogonal_weight(theta, used[0].parametrization)
+            grad_w = torch.stack([self._grads[id(c)] for c in used])
+            (grad,) = torch.autograd.grad(w, theta, grad_w)
+            out += [(c.theta, g) for c, g in zip(used, grad.unbind(0), strict=True)]
+        self._grads = {}
+        return out
+
+
+_BATCH: ContextVar[WeightBatch | None] = ContextVar("orthogonal_weight_batch", default=None)
+
+#: Chains batch their orthogonal layers' weights (:class:`WeightBatch`); False computes each
+#: layer's weight on its own at every use, as a baseline for benchmarks.
+BATCH_WEIGHTS = True
+
+
+@contextmanager
+def batched_weights(batch: WeightBatch | None) -> Iterator[WeightBatch | None]:
+    """Within, :class:`OrthogonalConv` layers of ``batch`` take their weight from it (in
+    no-grad mode and in their memory-efficient backward); None leaves them as they are."""
+    token = _BATCH.set(batch)
+    try:
+        yield batch
+    finally:
+        _BATCH.reset(token)
 
 
 def _mix_channels(x: Tensor, w: Tensor) -> Tensor:

@@ -25,7 +25,13 @@ from medinv.invertible import (
     chain_context,
 )
 from medinv.invertible.base import ParamGrads
-from medinv.invertible.orthogonal import _flat, _mix_channels, _mix_in_place
+from medinv.invertible.orthogonal import (
+    _flat,
+    _mix_channels,
+    _mix_in_place,
+    backward_weight,
+    weight_grads,
+)
 from medinv.mri.operators import SenseOperator, SingleCoilOperator
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -176,15 +182,14 @@ class TransposedOrthogonalConv(InvertibleModule):
     def backward_pass(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
-        with torch.enable_grad():
-            w = self.conv.weight()
+        w = backward_weight(self.conv)
         x = _mix_channels(y, w.detach())
         grad_x = _mix_channels(grad_y, w.detach())
         if not params:
             return x, grad_x, []
         # y_i = sum_j W_ji x_j, so dL/dW_ji = sum over batch and positions of x_j grad_y_i.
         grad_w = torch.einsum("bjn,bin->ji", _flat(x), _flat(grad_y)).to(w.dtype)
-        return x, grad_x, list(torch.autograd.grad(w, params, grad_w, allow_unused=True))
+        return x, grad_x, weight_grads(self.conv, w, grad_w, params)
 
 
 class IRIM(nn.Module):

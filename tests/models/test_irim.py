@@ -101,6 +101,32 @@ def test_parameter_gradients_match_plain_autograd_float64(case, shared_weights):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_orthogonal_weights_are_computed_once_per_pass_for_all_layers(monkeypatch, steps):
+    """A memory-efficient training step computes the weights of all its orthogonal layers
+    in one batched call in forward and back-propagates them in one in backward, however
+    many steps and layers (each layer uses its weight twice, U and U^T); inference, one."""
+    import medinv.invertible.orthogonal as orthogonal
+
+    calls = []
+    original = orthogonal.orthogonal_weight
+
+    def counted(theta, parametrization):
+        calls.append(tuple(theta.shape))
+        return original(theta, parametrization)
+
+    monkeypatch.setattr(orthogonal, "orthogonal_weight", counted)
+    model = _model(2, steps)
+    layers = steps * len(model.dilations)
+    data = _data(2, COILS, (16, 16), batch=1)
+    model(*data).abs().sum().backward()
+    assert calls == [(layers, model.state_channels, model.state_channels)] * 2
+    calls.clear()
+    with torch.no_grad():
+        model(*data)
+    assert calls == [(layers, model.state_channels, model.state_channels)]
+
+
 def _saved_bytes(model, data):
     with saved_activations(exclude=model.parameters()) as saved:
         image = model(*data)

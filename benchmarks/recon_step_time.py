@@ -1,0 +1,145 @@
+"""Time of one reconstruction training step, and the operators it runs.
+
+A small reconstructor on small images does little arithmetic per operator, so on a GPU its
+step time is mostly host time: one dispatch (and kernel launch) per operator. This
+benchmark runs medinv's training step (the measurement prepared from a k-space batch,
+forward, SSIM + L1 loss, backward, gradient clipping, Adam) on slices of a k-space set for
+each config, and reports the median time per step and the number of ATen operators per
+step (nested ones included, from the profiler). The i-RIM runs memory-efficiently with its
+orthogonal layers' weights batched (the default), memory-efficiently without batching (each
+layer's weight computed at each use, the baseline) and with plain autograd.
+
+    python benchmarks/recon_step_time.py --data data/kspace_small \\
+        --configs configs/irim_multicoil_small_gpu.yaml configs/irim_multicoil_wide_gpu.yaml \\
+        configs/rim_multicoil_small.yaml --out benchmarks/results/recon_step_time_h100.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import add_kspace_set_arguments, header, measure, publish  # noqa: E402
+from medinv.inference.reconstruction import magnitude_crop  # noqa: E402
+from medinv.invertible import orthogonal  # noqa: E402
+from medinv.models import build_model  # noqa: E402
+from medinv.training.config import load_config  # noqa: E402
+from medinv.training.reconstruction import (  # noqa: E402
+    ReconstructionLoss,
+    _collate,
+    _estimates,
+    _measure,
+    slice_dataset,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def variants(kind: str) -> list[tuple[str, dict, bool]]:
+    """``(name, model overrides, batched weights)`` to run for a model kind."""
+    if kind != "irim":
+        return [("plain autograd", {}, True)]
+    return [
+        ("memory-efficient, batched weights", {"memory_efficient": True}, True),
+        ("memory-efficient, weight per use", {"memory_efficient": True}, False),
+        ("plain autograd", {"memory_efficient": False}, True),
+    ]
+
+
+def training_step(config, overrides: dict, batches: list[dict], device: torch.device):
+    """medinv's reconstruction training step as a function of nothing, cycling ``batches``."""
+    kind = config.model.kind
+    torch.manual_seed(0)
+    model = build_model(kind, config.model.kwargs() | overrides).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    loss_fn = ReconstructionLoss(config.train.ssim_weight, config.train.l1_weight)
+    position = [0]
+
+    def step() -> None:
+        batch = batches[position[0] % len(batches)]
+        position[0] += 1
+        measurement = _measure(batch, config).to(device)
+        target = batch["target"].to(device)
+        estimates = _estimates(model, kind, measurement)
+        losses = [loss_fn(magnitude_crop(e, target.shape[-2:]).float(), target) for e in estimates]
+        torch.stack(losses).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip or 1e9)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    params = sum(p.numel() for p in model.parameters())
+    return step, params
+
+
+def operator_count(step, device: torch.device) -> int:
+    """ATen operators one step runs, nested ones included."""
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_kspace_set_arguments(parser)
+    parser.add_argument("--configs", type=Path, nargs="+", required=True)
+    parser.add_argument("--slices", type=int, default=8, help="training slices cycled")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    for path in args.configs:
+        config = load_config(path, task="reconstruct")
+        folder = args.data / f"{args.challenge}_train"
+        dataset = slice_dataset(folder, config, fixed_masks=True, stride=config.data.slab_stride)
+        batches = [_collate([dataset[i]]) for i in range(min(args.slices, len(dataset)))]
+        for name, overrides, batched in variants(config.model.kind):
+            orthogonal.BATCH_WEIGHTS = batched
+            try:
+                step, params = training_step(config, overrides, batches, device)
+                seconds, peak = measure(step, device, args.warmup, args.repeats)
+                operators = operator_count(step, device)
+            finally:
+                orthogonal.BATCH_WEIGHTS = True
+            rows.append(
+                {
+                    "config": path.name,
+                    "model": config.model.kind,
+                    "variant": name,
+                    "parameters": params,
+                    "ms per step": 1e3 * seconds,
+                    "ATen operators per step": operators,
+                    "peak GiB": float("nan") if peak is None else peak / 2**30,
+                }
+            )
+            print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    text = "\n".join(
+        [
+            "# Reconstruction training step: time and operators per step",
+            "",
+            header(device),
+            f"- data: `{args.data}` ({args.challenge}), batch 1, {len(batches)} slices cycled; "
+            f"median of {args.repeats} steps after {args.warmup}",
+            "",
+            table.to_markdown(index=False, floatfmt=".1f"),
+        ]
+    )
+    publish(text, args.out)
+
+
+if __name__ == "__main__":
+    main()
