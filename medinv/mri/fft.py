@@ -7,6 +7,7 @@ of the last two axes, and the transform is unitary, so ``ifft2c(fft2c(x)) == x``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,10 @@ def fft2c(image: torch.Tensor) -> torch.Tensor:
         Its k-space, complex ``(*, H, W)``.
     """
     _require_complex(image, "fft2c")
+    modulation = _modulation(image)
+    if modulation is not None:
+        before, after = modulation
+        return torch.fft.fft2(image * before, dim=_SPATIAL, norm="ortho") * after
     shifted = torch.fft.ifftshift(image, dim=_SPATIAL)
     return torch.fft.fftshift(torch.fft.fft2(shifted, dim=_SPATIAL, norm="ortho"), dim=_SPATIAL)
 
@@ -42,8 +47,32 @@ def ifft2c(kspace: torch.Tensor) -> torch.Tensor:
         The image, complex ``(*, H, W)``.
     """
     _require_complex(kspace, "ifft2c")
+    modulation = _modulation(kspace)
+    if modulation is not None:
+        before, after = modulation
+        return torch.fft.ifft2(kspace * before, dim=_SPATIAL, norm="ortho") * after
     shifted = torch.fft.ifftshift(kspace, dim=_SPATIAL)
     return torch.fft.fftshift(torch.fft.ifft2(shifted, dim=_SPATIAL, norm="ortho"), dim=_SPATIAL)
+
+
+def _modulation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For even ``H`` and ``W``, the shifts around a 2D (inverse) FFT as sign flips:
+    ``fftshift(F(ifftshift(x))) = s m F(m x)`` with ``m = (-1)^(i + j)`` and
+    ``s = (-1)^(H/2 + W/2)``, two multiplications in place of four rolls. None for odd
+    sizes."""
+    height, width = x.shape[-2:]
+    if height % 2 or width % 2:
+        return None
+    return _sign_grids(height, width, x.real.dtype, x.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _sign_grids(height: int, width: int, dtype: torch.dtype, device: torch.device):
+    with torch.inference_mode(False):  # usable in autograd even if first made in inference
+        i = torch.arange(height, device=device).view(-1, 1)
+        j = torch.arange(width, device=device).view(1, -1)
+        grid = (1 - 2 * ((i + j) % 2)).to(dtype)
+        return grid, grid * (-1) ** (height // 2 + width // 2)
 
 
 def rss(coil_images: torch.Tensor, dim: int = -3) -> torch.Tensor:

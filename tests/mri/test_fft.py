@@ -14,7 +14,7 @@ def _random_complex(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, dtype=torch.complex128, generator=gen)
 
 
-@pytest.mark.parametrize("shape", [(3, 16, 12), (2, 4, 15, 9)])
+@pytest.mark.parametrize("shape", [(3, 16, 12), (2, 6, 8), (2, 4, 15, 9), (2, 14, 9)])
 def test_fft2c_matches_numpy_with_explicit_shifts_and_ortho_norm(shape: tuple[int, ...]) -> None:
     x = _random_complex(shape)
     axes = (-2, -1)
@@ -36,6 +36,16 @@ def test_fft2c_matches_fastmri_real_view_convention() -> None:
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     theirs_inv = torch.view_as_complex(fastmri.ifft2c(torch.view_as_real(x)))
     torch.testing.assert_close(ifft2c(x), theirs_inv, rtol=1e-5, atol=1e-5)
+
+
+def test_fft2c_after_inference_mode_still_differentiates() -> None:
+    """Even sizes use cached sign grids; one first made under inference_mode must still
+    serve a later autograd pass."""
+    with torch.inference_mode():
+        fft2c(_random_complex((1, 10, 6)))
+    x = _random_complex((1, 10, 6)).requires_grad_()
+    (grad,) = torch.autograd.grad(fft2c(x).abs().square().sum(), x)
+    torch.testing.assert_close(grad, 2 * x.detach())  # ||F x||^2 = ||x||^2 (unitary)
 
 
 def test_fft2c_is_unitary_and_ifft2c_inverts_it() -> None:
