@@ -210,6 +210,7 @@ class WeightBatch:
         self._grads[id(conv)] = grad_w if known is None else known + grad_w
 
     def discard_grads(self) -> None:
+        """Forget the ``dL/dW`` gathered so far (before a backward pass starts)."""
         self._grads = {}
 
     def grads(self) -> list[tuple[nn.Parameter, Tensor]]:
