@@ -32,6 +32,10 @@ from . import orthogonal
 from .base import InvertibleModule, chain_context, using_context, zero_log_det
 from .memory import storage_uses as _storage_uses
 from .orthogonal import OrthogonalConv, WeightBatch, batched_weights
+from .resampling import InvertibleDownsampling, InvertibleUpsampling
+
+#: Layers whose orthogonal matrices a chain computes in one :class:`WeightBatch`.
+ORTHOGONAL_LAYERS = (OrthogonalConv, InvertibleDownsampling, InvertibleUpsampling)
 
 
 class InvertibleSequential(InvertibleModule):
@@ -264,15 +268,16 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _weight_batch(program: list[_Step]) -> WeightBatch | None:
-    """The chain's orthogonal 1x1 convolutions, their weights computed together."""
-    convs = [
+    """The chain's orthogonal layers (1x1 convolutions, resampling), their matrices
+    computed together."""
+    layers = [
         m
         for step in program
         if isinstance(step, nn.Module)
         for m in step.modules()
-        if isinstance(m, OrthogonalConv)
+        if isinstance(m, ORTHOGONAL_LAYERS)
     ]
-    return WeightBatch(convs) if convs and orthogonal.BATCH_WEIGHTS else None
+    return WeightBatch(layers) if layers and orthogonal.BATCH_WEIGHTS else None
 
 
 def _forward_program(

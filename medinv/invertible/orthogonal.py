@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -117,11 +118,9 @@ class OrthogonalConv(InvertibleModule):
 
         Without grad mode, inside :func:`batched_weights`, it is the one computed there
         for all the layers at once."""
-        batch = _BATCH.get()
-        if batch is not None and not torch.is_grad_enabled():
-            cached = batch.weights.get(id(self))
-            if cached is not None:
-                return cached
+        cached = None if torch.is_grad_enabled() else batch_weight(self)
+        if cached is not None:
+            return cached
         return orthogonal_weight(self.theta, self.parametrization)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -158,9 +157,9 @@ class OrthogonalConv(InvertibleModule):
 def backward_weight(conv: OrthogonalConv) -> Tensor:
     """``conv``'s weight for a memory-efficient backward: the batch's inside
     :func:`batched_weights`, otherwise computed with a graph for :func:`weight_grads`."""
-    batch = _BATCH.get()
-    if batch is not None and id(conv) in batch.weights:
-        return batch.weights[id(conv)]
+    cached = batch_weight(conv)
+    if cached is not None:
+        return cached
     with torch.enable_grad():
         return conv.weight()
 
@@ -171,43 +170,46 @@ def weight_grads(
     """The parameters' gradients from ``dL/dW`` of ``conv``'s weight ``w``; inside
     :func:`batched_weights`, ``dL/dW`` is kept for the batch's :meth:`WeightBatch.grads`
     instead, and none are returned here."""
-    batch = _BATCH.get()
-    if batch is not None and id(conv) in batch.weights:
-        batch.add_grad(conv, grad_w)
+    if batch_weight(conv) is not None:
+        add_batch_grad(conv, grad_w)
         return [None] * len(params)
     return list(torch.autograd.grad(w, params, grad_w, allow_unused=True)) if params else []
 
 
 class WeightBatch:
-    """The weights of several :class:`OrthogonalConv` layers, computed in one batched call
-    per parametrization and size, and their parameters' gradients likewise.
+    """The orthogonal matrices of several layers (:class:`OrthogonalConv`, the resampling
+    layers), computed in one batched call per parametrization and size, and their
+    parameters' gradients likewise.
 
     Each ``orthogonal_weight`` call runs a few hundred small operators (``matrix_exp``'s
-    series and squarings, the Newton step, in float64), which on a GPU cost host time
-    per operator whatever the matrix size; the i-RIM calls it six times per layer and
-    training step. In a batch, a chain's forward computes each weight once, and its
+    series and squarings, the Newton step, in float64), which on a GPU cost host time per
+    operator whatever the matrix size; the i-RIM calls it six times per layer and training
+    step. In a batch, a chain's forward computes each layer's matrices once, and its
     backward collects every layer's ``dL/dW`` and back-propagates them in one call.
+
+    Layers are given by their ``theta`` (``(..., n, n)``, or ``(..., k, n)`` for
+    Householder vectors) and ``parametrization``; ``weights[id(layer)]`` is
+    ``orthogonal_weight(layer.theta, layer.parametrization)``.
     """
 
-    def __init__(self, convs: Iterable[OrthogonalConv]):
-        groups: dict[tuple, list[OrthogonalConv]] = {}
-        for conv in {id(c): c for c in convs}.values():
-            t = conv.theta
-            key = (conv.parametrization, tuple(t.shape), t.dtype, t.device)
-            groups.setdefault(key, []).append(conv)
+    def __init__(self, layers: Iterable[nn.Module]):
+        groups: dict[tuple, list[nn.Module]] = {}
+        for layer in {id(m): m for m in layers}.values():
+            t = layer.theta
+            key = (layer.parametrization, tuple(t.shape[-2:]), t.dtype, t.device)
+            groups.setdefault(key, []).append(layer)
         self.groups = list(groups.values())
         self.weights: dict[int, Tensor] = {}
         self._grads: dict[int, Tensor] = {}
         with torch.no_grad():
             for group in self.groups:
-                theta = torch.stack([c.theta for c in group])
-                w = orthogonal_weight(theta, group[0].parametrization)
-                self.weights.update(zip(map(id, group), w.unbind(0), strict=True))
+                w = orthogonal_weight(_stacked(group), group[0].parametrization)
+                self.weights.update(_split(group, w))
 
-    def add_grad(self, conv: OrthogonalConv, grad_w: Tensor) -> None:
-        """Add ``dL/dW`` of one use of ``conv``'s weight."""
-        known = self._grads.get(id(conv))
-        self._grads[id(conv)] = grad_w if known is None else known + grad_w
+    def add_grad(self, layer: nn.Module, grad_w: Tensor) -> None:
+        """Add ``dL/dW`` of one use of ``layer``'s matrices."""
+        known = self._grads.get(id(layer))
+        self._grads[id(layer)] = grad_w if known is None else known + grad_w
 
     def discard_grads(self) -> None:
         """Forget the ``dL/dW`` gathered so far (before a backward pass starts)."""
@@ -217,17 +219,56 @@ class WeightBatch:
         """``(theta, dL/dtheta)`` of every layer given a ``dL/dW`` since the last call."""
         out = []
         for group in self.groups:
-            used = [c for c in group if id(c) in self._grads]
+            used = [m for m in group if id(m) in self._grads]
             if not used:
                 continue
-            theta = torch.stack([c.theta.detach() for c in used]).requires_grad_()
+            theta = _stacked(used, detach=True).requires_grad_()
             with torch.enable_grad():
                 w = orthogonal_weight(theta, used[0].parametrization)
-            grad_w = torch.stack([self._grads[id(c)] for c in used])
+            grad_w = torch.cat([self._grads[id(m)].reshape(-1, *w.shape[-2:]) for m in used])
             (grad,) = torch.autograd.grad(w, theta, grad_w)
-            out += [(c.theta, g) for c, g in zip(used, grad.unbind(0), strict=True)]
+            sizes = [_count(m) for m in used]
+            out += [
+                (m.theta, g.view(m.theta.shape))
+                for m, g in zip(used, grad.split(sizes), strict=True)
+            ]
         self._grads = {}
         return out
+
+
+def _count(layer: nn.Module) -> int:
+    """How many matrices ``layer.theta`` holds."""
+    return math.prod(layer.theta.shape[:-2])
+
+
+def _stacked(layers: Sequence[nn.Module], detach: bool = False) -> Tensor:
+    """The layers' parameters as one batch ``(N, *theta.shape[-2:])``."""
+    return torch.cat(
+        [(m.theta.detach() if detach else m.theta).reshape(-1, *m.theta.shape[-2:]) for m in layers]
+    )
+
+
+def _split(layers: Sequence[nn.Module], w: Tensor) -> dict[int, Tensor]:
+    """The batch ``w`` of matrices back to each layer's ``(*theta.shape[:-2], n, n)``."""
+    pieces = w.split([_count(m) for m in layers])
+    return {
+        id(m): piece.view(*m.theta.shape[:-2], *w.shape[-2:])
+        for m, piece in zip(layers, pieces, strict=True)
+    }
+
+
+def batch_weight(layer: nn.Module) -> Tensor | None:
+    """``layer``'s matrices from the active :class:`WeightBatch`, or None outside one."""
+    batch = _BATCH.get()
+    return None if batch is None else batch.weights.get(id(layer))
+
+
+def add_batch_grad(layer: nn.Module, grad_w: Tensor) -> None:
+    """Hand ``dL/dW`` of ``layer``'s matrices to the active batch (see :func:`batch_weight`)."""
+    batch = _BATCH.get()
+    if batch is None:
+        raise RuntimeError("no WeightBatch is active")
+    batch.add_grad(layer, grad_w)
 
 
 _BATCH: ContextVar[WeightBatch | None] = ContextVar("orthogonal_weight_batch", default=None)

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import InvertibleModule, ParamGrads
-from .orthogonal import Parametrization, initial_parameters, orthogonal_weight
+from .orthogonal import (
+    Parametrization,
+    add_batch_grad,
+    batch_weight,
+    initial_parameters,
+    orthogonal_weight,
+)
 
 Init = Literal["haar", "pixel_shuffle", "random"]
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -82,7 +88,12 @@ class _OrthogonalResampling(InvertibleModule):
 
     def kernel(self) -> Tensor:
         """The convolution kernel ``(channels * sigma, 1, *stride)``."""
-        w = orthogonal_weight(self.theta, self.parametrization)
+        cached = None if torch.is_grad_enabled() else batch_weight(self)
+        w = orthogonal_weight(self.theta, self.parametrization) if cached is None else cached
+        return self._kernel_from(w)
+
+    def _kernel_from(self, w: Tensor) -> Tensor:
+        """The kernel of the per-channel orthogonal matrices ``w`` ``(channels, sigma, sigma)``."""
         if self.init == "haar":
             # Built in the parameters' own precision, so it stays exactly orthonormal.
             key = (self.theta.dtype, self.theta.device)
@@ -115,24 +126,38 @@ class _OrthogonalResampling(InvertibleModule):
                 f"spatial size {tuple(x.shape[2:])} is not divisible by stride {self.stride}"
             )
 
-    def _kernel_with_graph(self) -> Tensor:
-        """The kernel with its graph to the parameters: the backward pass evaluates it once
-        (on a GPU each orthogonal matrix costs a solve or matrix exponential, and a wait for
-        the device) and uses its values and its graph."""
+    def _kernel_with_graph(self) -> tuple[Tensor, Tensor | None]:
+        """The kernel with its graph, evaluated once for the backward pass (on a GPU each
+        orthogonal matrix costs a series of small operators). Inside a
+        :class:`~medinv.invertible.orthogonal.WeightBatch` the graph starts at the batch's
+        matrices, returned as the second item; otherwise at the parameters (None)."""
+        cached = batch_weight(self)
         with torch.enable_grad():
-            return self.kernel()
+            if cached is None:
+                return self.kernel(), None
+            w = cached.detach().requires_grad_()
+            return self._kernel_from(w), w
 
     def _kernel_grads(
-        self, params: Sequence[Tensor], k: Tensor, high: Tensor, grad_low: Tensor
+        self,
+        params: Sequence[Tensor],
+        kernel: tuple[Tensor, Tensor | None],
+        high: Tensor,
+        grad_low: Tensor,
     ) -> ParamGrads:
-        """Gradients of the parameters given the kernel ``k`` (with its graph),
-        ``low = down(high)`` and ``dL/dlow``."""
+        """Gradients of the parameters given the kernel (from :meth:`_kernel_with_graph`),
+        ``low = down(high)`` and ``dL/dlow``; inside a batch, ``dL/dW`` goes to the batch."""
         if not params:
             return []
+        k, w = kernel
         grad_k = _CONV_WEIGHT_GRAD[self.dim](
             high, k.shape, grad_low, stride=self.stride, groups=self.channels
-        )
-        return list(torch.autograd.grad(k, params, grad_k.to(k.dtype), allow_unused=True))
+        ).to(k.dtype)
+        if w is not None:
+            (grad_w,) = torch.autograd.grad(k, w, grad_k)
+            add_batch_grad(self, grad_w)
+            return [None] * len(params)
+        return list(torch.autograd.grad(k, params, grad_k, allow_unused=True))
 
     def extra_repr(self) -> str:
         return f"{self.channels}, stride={self.stride}, parametrization={self.parametrization!r}"
@@ -165,9 +190,10 @@ class InvertibleDownsampling(_OrthogonalResampling):
     def backward_pass(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
-        k = self._kernel_with_graph()
-        x = self._up(y, k.detach())
-        return x, self._up(grad_y, k.detach()), self._kernel_grads(params, k, x, grad_y)
+        kernel = self._kernel_with_graph()
+        k = kernel[0].detach()
+        x = self._up(y, k)
+        return x, self._up(grad_y, k), self._kernel_grads(params, kernel, x, grad_y)
 
 
 class InvertibleUpsampling(_OrthogonalResampling):
@@ -199,7 +225,8 @@ class InvertibleUpsampling(_OrthogonalResampling):
     def backward_pass(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
-        k = self._kernel_with_graph()
-        x = self._down(y, k.detach())
+        kernel = self._kernel_with_graph()
+        k = kernel[0].detach()
+        x = self._down(y, k)
         # y = up(x) is the adjoint of down, so dL/dK pairs grad_y (as input) with x.
-        return x, self._down(grad_y, k.detach()), self._kernel_grads(params, k, grad_y, x)
+        return x, self._down(grad_y, k), self._kernel_grads(params, kernel, grad_y, x)
