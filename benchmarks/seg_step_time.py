@@ -1,0 +1,119 @@
+"""Time of one segmentation training step, and the operators it runs.
+
+The segmentation counterpart of ``recon_step_time.py``: medinv's training step (forward on
+a random crop of four contrasts, the config's Dice loss on random labels, backward, Adam)
+for each model of ``seg_quality.py``, with the config's precision. iUNets run
+memory-efficiently with their orthogonal matrices batched per chain (the default) and
+without batching (each layer's matrices computed at each use, the baseline); MONAI's
+SegResNet runs as it is. Reports the median time per step and the ATen operators per step
+(nested ones included, from the profiler).
+
+    python benchmarks/seg_step_time.py --config configs/iunet_brats_like.yaml \\
+        --models iUNet-32 SegResNet-32 --out benchmarks/results/seg_step_time_h100.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from monai.losses import DiceCELoss, DiceLoss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import header, measure, publish  # noqa: E402
+from benchmarks.recon_step_time import operator_count  # noqa: E402
+from benchmarks.seg_quality import MODELS  # noqa: E402
+from medinv.invertible import orthogonal  # noqa: E402
+from medinv.models import build_model  # noqa: E402
+from medinv.training.config import load_config  # noqa: E402
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_step(config, crop: list[int], device: torch.device):
+    """medinv's segmentation training step on a fixed random crop, and the model's size."""
+    t = config.train
+    torch.manual_seed(0)
+    model = build_model(config.model.kind, config.model_kwargs()).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    loss_fn = (DiceCELoss if t.loss == "dice_ce" else DiceLoss)(
+        sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True
+    )
+    image = torch.randn(t.batch_size, 4, *crop, device=device)
+    label = (torch.rand(t.batch_size, 3, *crop, device=device) > 0.5).float()
+    dtype = PRECISIONS.get(t.amp)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_fn(model(image).float(), label)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or 1e9)
+        optimizer.step()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=Path("configs/iunet_brats_like.yaml"))
+    parser.add_argument("--models", nargs="+", default=["iUNet-32", "SegResNet-32"])
+    parser.add_argument("--crop", type=int, nargs=3, help="default: the config's roi_size")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    config = load_config(args.config, task="segment")
+    crop = list(args.crop or config.data.roi_size)
+    rows = []
+    for name in args.models:
+        config.model.kind = MODELS[name]["kind"]
+        config.model.channels = MODELS[name]["channels"]
+        variants = [("memory-efficient, batched matrices", True)]
+        if config.model.kind == "iunet":
+            variants.append(("memory-efficient, matrices per use", False))
+        else:
+            variants = [("plain autograd", True)]
+        for variant, batched in variants:
+            orthogonal.BATCH_WEIGHTS = batched
+            try:
+                step, params = training_step(config, crop, device)
+                seconds, peak = measure(step, device, args.warmup, args.repeats)
+                operators = operator_count(step, device)
+            finally:
+                orthogonal.BATCH_WEIGHTS = True
+            rows.append(
+                {
+                    "model": name,
+                    "variant": variant,
+                    "parameters": params,
+                    "ms per step": 1e3 * seconds,
+                    "ATen operators per step": operators,
+                    "peak GiB": float("nan") if peak is None else peak / 2**30,
+                }
+            )
+            print(rows[-1], flush=True)
+    text = "\n".join(
+        [
+            "# Segmentation training step: time and operators per step",
+            "",
+            header(device),
+            f"- recipe: `{args.config.name}` ({config.train.amp} autocast, "
+            f"{config.train.loss} loss, batch {config.train.batch_size}), random crop "
+            f"{'x'.join(map(str, crop))}; median of {args.repeats} steps after {args.warmup}",
+            "",
+            pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f"),
+        ]
+    )
+    publish(text, args.out)
+
+
+if __name__ == "__main__":
+    main()
