@@ -108,6 +108,20 @@ def _measure(batch: dict, config: ReconstructionConfig) -> Measurement:
     )
 
 
+class MeasuredBatches:
+    """The training loader's collate: the items stacked, and their :class:`Measurement`
+    (coil maps, scale) built from them as ``batch["measurement"]``, so that with
+    ``train.num_workers`` the loader's workers prepare it while the device trains."""
+
+    def __init__(self, config: ReconstructionConfig):
+        self.config = config
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = _collate(items)
+        batch["measurement"] = _measure(batch, self.config)
+        return batch
+
+
 def _seed_worker_masks(worker_id: int) -> None:
     """Give each loader worker its own mask stream, derived from the run's seed."""
     info = torch.utils.data.get_worker_info()
@@ -190,7 +204,7 @@ def train_reconstruction(
         sampler=train_sampler,
         num_workers=t.num_workers,
         generator=generator,
-        collate_fn=_collate,
+        collate_fn=MeasuredBatches(config),
         worker_init_fn=_seed_worker_masks,
     )
     ddp = isinstance(net, DistributedDataParallel)
@@ -199,7 +213,7 @@ def train_reconstruction(
         count = run.batch_count(loader, accumulation)
         optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(run.batches(loader, epoch, progress, accumulation)):
-            measurement = _measure(batch, config).to(device)
+            measurement = batch["measurement"].to(device)
             target = batch["target"].to(device)
             # Step after every accumulation-th micro-batch and after the epoch's last; in a
             # multi-process job gradients are averaged over the processes only then. Each
