@@ -58,6 +58,12 @@ def main() -> None:
         help="override the configs' schedules: every model's learning rate drops at the same "
         "shares of its budget (train.lr_step_fraction)",
     )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        help="override the configs' train.num_workers: every model's loader prepares its "
+        "batches (coil maps) in as many worker processes",
+    )
     parser.add_argument("--cs-iters", type=int, default=50)
     parser.add_argument("--cs-lambda", type=float, default=1e-3)
     parser.add_argument("--work", type=Path, default=Path("runs/recon_quality"))
@@ -89,6 +95,8 @@ def main() -> None:
             config.train.epochs = args.epochs
         if args.lr_step_fraction is not None:
             config.train.lr_step_fraction = args.lr_step_fraction
+        if args.num_workers is not None:
+            config.train.num_workers = args.num_workers
         if args.reuse and (run / "best.pt").is_file():
             history = reused_history(run, config)
         else:
