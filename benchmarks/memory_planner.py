@@ -260,6 +260,7 @@ def run_case(case: Case, planner: Planner, inputs: Inputs, device, args) -> dict
 
     retries, used = planner.retries, len(planner.used)
     row = {"case": case.name, "plan": plan.describe().split(":")[0]}
+    allocator_retries = _allocator_retries(device)
     try:
         peak, seconds, total = measured(lambda: planner.run(plan, attempt, case.name), device)
     except ResourceError:  # out of memory even with the smallest plan
@@ -275,7 +276,15 @@ def run_case(case: Case, planner: Planner, inputs: Inputs, device, args) -> dict
         "of budget": total / planner.budget if device.type == "cuda" else float("nan"),
         "seconds": seconds,
         "OOM retries": planner.retries - retries,
+        # cudaMalloc failures the allocator survived by freeing its cache (under the cap)
+        "allocator retries": _allocator_retries(device) - allocator_retries,
     }
+
+
+def _allocator_retries(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
 
 
 def run_naive(case: Case, model, inputs: Inputs, device, slab: int) -> dict:

@@ -77,6 +77,7 @@ def main() -> None:
         )
         if recording:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
+        retries = _allocator_retries(device)
         try:
             measured = resident + measure_peak(
                 lambda s=shape, b=batch: reconstruct_volume(model, inputs, s, b, device), device
@@ -88,6 +89,11 @@ def main() -> None:
             torch.cuda.memory._record_memory_history(enabled=None)
         release_memory(device)
         row = {"batch": batch, "predicted GiB": gib(predicted), "measured GiB": gib(measured)}
+        if device.type == "cuda":
+            # Where the allocator had to free its cache and retry (under a cap), and what
+            # it held from the device, beside what tensors held.
+            row["allocator retries"] = _allocator_retries(device) - retries
+            row["peak reserved GiB"] = gib(torch.cuda.max_memory_reserved(device))
         if measured is not None:
             row["error %"] = 100 * (predicted - measured) / measured
         if rows and measured is not None and rows[-1]["_measured"] is not None:
@@ -113,6 +119,13 @@ def main() -> None:
         ]
     )
     publish(text, args.out)
+
+
+def _allocator_retries(device: torch.device) -> int:
+    """cudaMalloc calls that failed and were retried after freeing the allocator's cache."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
 
 
 if __name__ == "__main__":
