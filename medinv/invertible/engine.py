@@ -361,13 +361,7 @@ class _ChainRun:
         if self.weights is not None:
             self.weights.discard_grads()  # what an interrupted backward may have left
         with batched_weights(self.weights):
-            grad_x, grads = self._backward(y, grad_y, grad_log_det)
-        if self.weights is not None:  # the orthogonal layers' gradients, in one call
-            index = {id(p): i for i, p in enumerate(self.params)}
-            for p, g in self.weights.grads():
-                i = index[id(p)]
-                grads[i] = g if grads[i] is None else grads[i] + g
-        return grad_x, grads
+            return self._backward(y, grad_y, grad_log_det)
 
     def _backward(
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None
@@ -379,6 +373,12 @@ class _ChainRun:
             )
         index = {id(p): i for i, p in enumerate(self.params)}
         grads: list[Tensor | None] = [None] * len(self.params)
+
+        def add(param_id: int, g: Tensor | None) -> None:
+            i = index[param_id]
+            if g is not None:
+                grads[i] = g if grads[i] is None else grads[i] + g
+
         # Blocks overwrite what they are given: the output and its gradient become the
         # engine's own buffers where nothing else can see them, copies otherwise.
         handed_over = [
@@ -412,11 +412,13 @@ class _ChainRun:
                 x, grad_x, block_grads = step.backward_pass(
                     y, grad_y, grad_log_det, list(aliases.values())
                 )
-            for i, g in zip(map(index.__getitem__, aliases), block_grads, strict=True):
-                if g is not None:
-                    grads[i] = g if grads[i] is None else grads[i] + g
+            for param_id, g in zip(aliases, block_grads, strict=True):
+                add(param_id, g)
             y = _writable(x.to(self.input_dtypes[k]))
             grad_y = torch.zeros_like(y) if grad_x is None else _writable(grad_x.to(y.dtype))
+        if self.weights is not None:  # the orthogonal layers' gradients, in one call
+            for p, g in self.weights.grads():
+                add(id(p), g)
         return grad_y, grads
 
     @contextmanager
