@@ -118,10 +118,7 @@ class OrthogonalConv(InvertibleModule):
 
         Without grad mode, inside :func:`batched_weights`, it is the one computed there
         for all the layers at once."""
-        cached = None if torch.is_grad_enabled() else batch_weight(self)
-        if cached is not None:
-            return cached
-        return orthogonal_weight(self.theta, self.parametrization)
+        return layer_matrices(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return _mix_channels(x, self.weight())
@@ -255,6 +252,13 @@ def _split(layers: Sequence[nn.Module], w: Tensor) -> dict[int, Tensor]:
         id(m): piece.view(*m.theta.shape[:-2], *w.shape[-2:])
         for m, piece in zip(layers, pieces, strict=True)
     }
+
+
+def layer_matrices(layer: nn.Module) -> Tensor:
+    """``orthogonal_weight(layer.theta, layer.parametrization)``; without grad mode, inside
+    :func:`batched_weights`, the batch's."""
+    cached = None if torch.is_grad_enabled() else batch_weight(layer)
+    return orthogonal_weight(layer.theta, layer.parametrization) if cached is None else cached
 
 
 def batch_weight(layer: nn.Module) -> Tensor | None:

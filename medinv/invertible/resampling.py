@@ -16,7 +16,7 @@ from .orthogonal import (
     add_batch_grad,
     batch_weight,
     initial_parameters,
-    orthogonal_weight,
+    layer_matrices,
 )
 
 Init = Literal["haar", "pixel_shuffle", "random"]
@@ -88,9 +88,7 @@ class _OrthogonalResampling(InvertibleModule):
 
     def kernel(self) -> Tensor:
         """The convolution kernel ``(channels * sigma, 1, *stride)``."""
-        cached = None if torch.is_grad_enabled() else batch_weight(self)
-        w = orthogonal_weight(self.theta, self.parametrization) if cached is None else cached
-        return self._kernel_from(w)
+        return self._kernel_from(layer_matrices(self))
 
     def _kernel_from(self, w: Tensor) -> Tensor:
         """The kernel of the per-channel orthogonal matrices ``w`` ``(channels, sigma, sigma)``."""
