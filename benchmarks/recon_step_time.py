@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -88,6 +89,27 @@ def operator_count(step, device: torch.device) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
+def timed_step(make_step, batched: bool, device: torch.device, warmup: int, repeats: int):
+    """``(parameters, seconds, peak bytes or None, ATen operators)`` of the training step
+    ``make_step()`` builds (returning ``(step, parameters)``), with chains batching their
+    orthogonal matrices or computing them at each use."""
+    orthogonal.BATCH_WEIGHTS = batched
+    try:
+        step, params = make_step()
+        seconds, peak = measure(step, device, warmup, repeats)
+        return params, seconds, peak, operator_count(step, device)
+    finally:
+        orthogonal.BATCH_WEIGHTS = True
+
+
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--warmup``, ``--repeats``, ``--device`` and ``--out`` of the step benchmarks."""
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,10 +117,7 @@ def main() -> None:
     add_kspace_set_arguments(parser)
     parser.add_argument("--configs", type=Path, nargs="+", required=True)
     parser.add_argument("--slices", type=int, default=8, help="training slices cycled")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path)
+    add_step_arguments(parser)
     args = parser.parse_args()
     device, cpu = torch.device(args.device), torch.device("cpu")
     rows = []
@@ -110,13 +129,13 @@ def main() -> None:
         batches = [MeasuredBatches(config)(item) for item in items]
         prepare = measure(lambda it=items[0], c=config: MeasuredBatches(c)(it), cpu)[0]
         for name, overrides, batched in variants(config.model.kind):
-            orthogonal.BATCH_WEIGHTS = batched
-            try:
-                step, params = training_step(config, overrides, batches, device)
-                seconds, peak = measure(step, device, args.warmup, args.repeats)
-                operators = operator_count(step, device)
-            finally:
-                orthogonal.BATCH_WEIGHTS = True
+            params, seconds, peak, operators = timed_step(
+                partial(training_step, config, overrides, batches, device),
+                batched,
+                device,
+                args.warmup,
+                args.repeats,
+            )
             rows.append(
                 {
                     "config": path.name,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -23,10 +24,9 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import header, measure, publish  # noqa: E402
-from benchmarks.recon_step_time import operator_count  # noqa: E402
+from benchmarks.common import header, publish  # noqa: E402
+from benchmarks.recon_step_time import add_step_arguments, timed_step  # noqa: E402
 from benchmarks.seg_quality import MODELS  # noqa: E402
-from medinv.invertible import orthogonal  # noqa: E402
 from medinv.models import build_model  # noqa: E402
 from medinv.training.config import load_config  # noqa: E402
 
@@ -64,10 +64,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/iunet_brats_like.yaml"))
     parser.add_argument("--models", nargs="+", default=["iUNet-32", "SegResNet-32"])
     parser.add_argument("--crop", type=int, nargs=3, help="default: the config's roi_size")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path)
+    add_step_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     config = load_config(args.config, task="segment")
@@ -76,19 +73,21 @@ def main() -> None:
     for name in args.models:
         config.model.kind = MODELS[name]["kind"]
         config.model.channels = MODELS[name]["channels"]
-        variants = [("memory-efficient, batched matrices", True)]
         if config.model.kind == "iunet":
-            variants.append(("memory-efficient, matrices per use", False))
+            variants = [
+                ("memory-efficient, batched matrices", True),
+                ("memory-efficient, matrices per use", False),
+            ]
         else:
             variants = [("plain autograd", True)]
         for variant, batched in variants:
-            orthogonal.BATCH_WEIGHTS = batched
-            try:
-                step, params = training_step(config, crop, device)
-                seconds, peak = measure(step, device, args.warmup, args.repeats)
-                operators = operator_count(step, device)
-            finally:
-                orthogonal.BATCH_WEIGHTS = True
+            params, seconds, peak, operators = timed_step(
+                partial(training_step, config, crop, device),
+                batched,
+                device,
+                args.warmup,
+                args.repeats,
+            )
             rows.append(
                 {
                     "model": name,
