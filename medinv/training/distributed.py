@@ -77,29 +77,28 @@ def sampler(dataset: Dataset, job: Distributed | None, seed: int) -> Distributed
 
 def agree(flag: bool, job: Distributed | None) -> bool:
     """True everywhere if it is True on any process (e.g. rank 0's time budget)."""
-    if job is None:
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(_reduced(int(flag), job, dist.ReduceOp.MAX))
 
 
 def largest(value: float, job: Distributed | None) -> float:
     """The largest of the processes' ``value`` (e.g. how far a time-budgeted run is)."""
-    if job is None:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
+    return float(_reduced(float(value), job, dist.ReduceOp.MAX))
 
 
 def smallest(value: int, job: Distributed | None) -> int:
     """The smallest of the processes' ``value`` (e.g. a micro-batch each one planned)."""
+    return int(_reduced(int(value), job, dist.ReduceOp.MIN))
+
+
+def _reduced(value: int | float, job: Distributed | None, op) -> int | float:
+    """``value`` reduced over the processes with ``op`` (as it is without a job); floats
+    travel in float64, integers in int64."""
     if job is None:
         return value
-    tensor = torch.tensor([value])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())
+    dtype = torch.float64 if isinstance(value, float) else torch.int64
+    tensor = torch.tensor([value], dtype=dtype)
+    dist.all_reduce(tensor, op=op)
+    return tensor.item()
 
 
 def finish(job: Distributed | None) -> None:
