@@ -1,7 +1,7 @@
 """The memory planner on inputs of varying size, under emulated 16 and 32 GiB GPUs.
 
-In one process, per budget (``torch.cuda.set_per_process_memory_fraction``), a seeded
-shuffle of
+Per budget (``torch.cuda.set_per_process_memory_fraction``), in one process of its own as
+on a card of that size, a seeded shuffle of
 
 - fastMRI-size multi-coil volumes (640x368 or 640x372 k-space, 15-20 coils, 30-45 slices;
   random complex k-space, random coil maps, a 4x equispaced mask) through the 2D i-RIM of
@@ -11,15 +11,16 @@ shuffle of
   through the 3D iUNet segmenter of ``configs/iunet_brats_like.yaml`` (32 channels),
   inference as ``medinv segment`` runs it.
 
-Each case runs with the planner (``--gpu-memory``: the plan, predicted against measured
-peak, time, out-of-memory retries), then naively (all slices in one batch; the whole
-volume in fp32), and then with each fixed plan a user might choose by hand (``FIXED_PLANS``:
-slice batches of a set size; sliding windows of a set size); running out of memory is
-recorded. The summary sets the planner's throughput per model against the best fixed plan
-that completes every case of the budget. Weights are the untrained
-initialisation: memory and time do not depend on them. The measured peak of a case is CUDA's
-``max_memory_allocated`` during it, less what was allocated before, plus the model's own
-weights (what the planner predicts); "of budget" is the process's whole peak over the budget.
+Every case runs with the planner (``--gpu-memory``: the plan, predicted against measured
+peak, time, out-of-memory retries); then every case runs naively (all slices in one batch;
+the whole volume in fp32) and with each fixed plan a user might choose by hand
+(``FIXED_PLANS``: slice batches of a set size; sliding windows of a set size); running out
+of memory is recorded. The summary sets the planner's throughput per model against the
+best fixed plan that completes every case of the budget. Weights are the untrained
+initialisation: memory and time do not depend on them. The measured peak of a case is
+CUDA's ``max_memory_allocated`` during it, less what was allocated before, plus the model's
+own weights (what the planner predicts); "of budget" is the process's whole peak over the
+budget.
 
     python benchmarks/memory_planner.py --out benchmarks/results/memory_planner_h100.md
     python benchmarks/memory_planner.py --smoke   # CPU, toy sizes, budgets not enforced
@@ -28,10 +29,13 @@ weights (what the planner predicts); "of budget" is the process's whole peak ove
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -364,50 +368,88 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes and budgets")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="write the table (markdown) here")
+    # internal: one budget's run, in the process of its own that main() starts for it
+    parser.add_argument("--only-budget", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rows-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # As the medinv command does: less fragmentation when sizes vary (before CUDA starts).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    device = torch.device("cpu" if args.smoke else args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     if args.smoke and args.budgets == parser.get_default("budgets"):
         args.budgets = ["64MiB", "128MiB"]
+    device = torch.device("cpu" if args.smoke else args.device)
+    if args.only_budget is not None:
+        rows, seconds = run_budget(args, args.only_budget, device)
+        args.rows_json.write_text(json.dumps({"rows": rows, "calibration_seconds": seconds}))
+        return
+    rows, calibration_seconds = [], 0.0
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(len(args.budgets)):
+            result = Path(folder) / f"budget{index}.json"
+            subprocess.run(budget_command(args, index, result), check=True)
+            found = json.loads(result.read_text())
+            rows += found["rows"]
+            calibration_seconds += found["calibration_seconds"]
+    fixed = SMOKE_FIXED_PLANS if args.smoke else FIXED_PLANS
+    publish(report(pd.DataFrame(rows), args, device, calibration_seconds, fixed), args.out)
+
+
+def budget_command(args, index: int, rows_json: Path) -> list[str]:
+    """This script's command line for budget ``index`` alone, its rows to ``rows_json``.
+
+    Each budget runs in a process of its own, as it would on its own card: cuDNN keeps, per
+    convolution shape, the kernel that ran first, and where the heuristics' first choice
+    could not get its workspace under a small budget it keeps the fallback. A larger budget
+    in the same process would then run that shape with less memory than a fresh process.
+    """
+    command = [sys.executable, str(Path(__file__).resolve()), "--budgets", *args.budgets]
+    command += ["--irim-cases", str(args.irim_cases), "--irim3d-cases", str(args.irim3d_cases)]
+    command += ["--iunet-cases", str(args.iunet_cases), "--overlap", str(args.overlap)]
+    command += ["--seed", str(args.seed), "--device", args.device]
+    command += ["--no-fixed"] * args.no_fixed + ["--smoke"] * args.smoke
+    return command + ["--only-budget", str(index), "--rows-json", str(rows_json)]
+
+
+def run_budget(args, index: int, device: torch.device) -> tuple[list[dict], float]:
+    """Every case under ``args.budgets[index]``, in a seeded shuffled order: first all of
+    them with the planner, then naively and with the fixed plans, so that no larger run
+    leaves its cuDNN kernel choices to a planned one. Returns the rows and the seconds spent
+    calibrating."""
+    # As the medinv command does: less fragmentation when sizes vary (before CUDA starts).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    budget_text = args.budgets[index]
+    budget = parse_memory(budget_text)
     models = build_models(args, device)
     weights = {name: resident_bytes(m, "inference") for name, m in models.items()}
-    cases, inputs, rows, calibration_seconds = draw_cases(args), Inputs(args.seed), [], 0.0
+    cases, inputs = draw_cases(args), Inputs(args.seed)
     fixed = SMOKE_FIXED_PLANS if args.smoke else FIXED_PLANS
-    for b, budget_text in enumerate(args.budgets):
-        budget = parse_memory(budget_text)
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
-        # each planner's budget leaves room for the other model's weights
-        planners = {
-            name: Planner(model, device, budget - sum(weights.values()) + weights[name])
-            for name, model in models.items()
-        }
-        started = time.perf_counter()
-        for case in cases:  # calibrate up front, so that case times are inference only
-            if case.model in RECONSTRUCTORS:
-                planners[case.model].calibration("inference", "fp32", case.shape[1])
-        planners["iUNet"].calibration("inference", "fp32")
-        calibration_seconds += time.perf_counter() - started
-        order = list(cases)
-        random.Random(args.seed + b).shuffle(order)
-        for case in order:
-            model = models[case.model]
-            row = {"budget": budget_text} | run_case(
-                case, planners[case.model], inputs, device, args
-            )
-            row |= run_naive(case, model, inputs, device, args.slab)
-            if not args.no_fixed:
-                row |= run_fixed(case, model, inputs, device, args, fixed)
-            rows.append(row)
-            print(row, flush=True)
-        if device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
-    table = pd.DataFrame(rows)
-    publish(report(table, args, device, calibration_seconds, fixed), args.out)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    # each planner's budget leaves room for the other models' weights
+    planners = {
+        name: Planner(model, device, budget - sum(weights.values()) + weights[name])
+        for name, model in models.items()
+    }
+    started = time.perf_counter()
+    for case in cases:  # calibrate up front, so that case times are inference only
+        if case.model in RECONSTRUCTORS:
+            planners[case.model].calibration("inference", "fp32", case.shape[1])
+    planners["iUNet"].calibration("inference", "fp32")
+    calibration_seconds = time.perf_counter() - started
+    order = list(cases)
+    random.Random(args.seed + index).shuffle(order)
+    rows = []
+    for case in order:
+        row = {"budget": budget_text} | run_case(case, planners[case.model], inputs, device, args)
+        rows.append(row)
+        print(row, flush=True)
+    for case, row in zip(order, rows, strict=True):
+        model = models[case.model]
+        row |= run_naive(case, model, inputs, device, args.slab)
+        if not args.no_fixed:
+            row |= run_fixed(case, model, inputs, device, args, fixed)
+        print(row, flush=True)
+    return rows, calibration_seconds
 
 
 def report(table: pd.DataFrame, args, device, calibration_seconds: float, fixed) -> str:
