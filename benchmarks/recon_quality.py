@@ -64,6 +64,12 @@ def main() -> None:
         help="override the configs' train.num_workers: every model's loader prepares its "
         "batches (coil maps) in as many worker processes",
     )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="override the configs' train.batch_size: every model trains on batches of as "
+        "many slices (slices with fewer coils padded with zero coils)",
+    )
     parser.add_argument("--cs-iters", type=int, default=50)
     parser.add_argument("--cs-lambda", type=float, default=1e-3)
     parser.add_argument("--work", type=Path, default=Path("runs/recon_quality"))
@@ -97,6 +103,8 @@ def main() -> None:
             config.train.lr_step_fraction = args.lr_step_fraction
         if args.num_workers is not None:
             config.train.num_workers = args.num_workers
+        if args.batch_size is not None:
+            config.train.batch_size = args.batch_size
         if args.reuse and (run / "best.pt").is_file():
             history = reused_history(run, config)
         else:

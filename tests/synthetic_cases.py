@@ -93,9 +93,15 @@ def synthetic_anatomy(tmp_path: Path, with_colin: bool = True):
     return locate
 
 
-def tiny_kspace_set(tmp_path: Path, seed: int, volumes: dict[str, int], slices: int = 2) -> Path:
-    """A multi-coil fastMRI-schema set (``slices`` per volume, 32x32, 4 coils) from synthetic
-    anatomy."""
+def tiny_kspace_set(
+    tmp_path: Path,
+    seed: int,
+    volumes: dict[str, int],
+    slices: int = 2,
+    coils: tuple[int, int] = (4, 4),
+) -> Path:
+    """A multi-coil fastMRI-schema set (``slices`` per volume, 32x32, 4 coils or a number
+    drawn per volume from ``coils``) from synthetic anatomy."""
     from medinv.data.kspace import KSpaceSetConfig, build_kspace_set
 
     config = KSpaceSetConfig(
@@ -103,7 +109,7 @@ def tiny_kspace_set(tmp_path: Path, seed: int, volumes: dict[str, int], slices: 
         volumes=volumes,
         slices=slices,
         matrix=32,
-        coils=(4, 4),
+        coils=coils,
         challenges=("multicoil",),
     )
     build_kspace_set(tmp_path / "set", config, anatomy=synthetic_anatomy(tmp_path))

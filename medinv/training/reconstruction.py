@@ -111,15 +111,55 @@ def _measure(batch: dict, config: ReconstructionConfig) -> Measurement:
 class MeasuredBatches:
     """The training loader's collate: the items stacked, and their :class:`Measurement`
     (coil maps, scale) built from them as ``batch["measurement"]``, so that with
-    ``train.num_workers`` the loader's workers prepare it while the device trains."""
+    ``train.num_workers`` the loader's workers prepare it while the device trains.
+
+    Each item is measured on its own (its coil maps from its own calibration lines), and
+    multi-coil items with fewer coils than the batch's most are padded with zero coils: a
+    coil whose map and k-space are zero adds nothing to ``A^H (A x - y)``, so a batch of
+    slices with different coil counts (as in fastMRI's brain data) gives every slice the
+    estimate it would get alone.
+    """
 
     def __init__(self, config: ReconstructionConfig):
         self.config = config
 
     def __call__(self, items: list[dict]) -> dict:
+        measured = [_measure(_collate([item]), self.config) for item in items]
+        if self.config.data.challenge == "multicoil":
+            coils = max(item["kspace"].shape[-3] for item in items)
+            items = [item | {"kspace": pad_coils(item["kspace"], coils)} for item in items]
+            measured = [
+                Measurement(
+                    pad_coils(m.kspace, coils), m.mask, pad_coils(m.sensitivities, coils), m.scale
+                )
+                for m in measured
+            ]
         batch = _collate(items)
-        batch["measurement"] = _measure(batch, self.config)
+        batch["measurement"] = _stacked(measured)
         return batch
+
+
+def _stacked(measured: list[Measurement]) -> Measurement:
+    """One :class:`Measurement` of the items' (same-shaped) measurements."""
+    first = measured[0]
+    sensitivities = (
+        None if first.sensitivities is None else torch.cat([m.sensitivities for m in measured])
+    )
+    return Measurement(
+        torch.cat([m.kspace for m in measured]),
+        torch.cat([m.mask for m in measured]),
+        sensitivities,
+        torch.cat([m.scale for m in measured]),
+    )
+
+
+def pad_coils(coil_data: Tensor, coils: int) -> Tensor:
+    """``(..., C, H, W)`` with zero coils appended up to ``coils``."""
+    missing = coils - coil_data.shape[-3]
+    if missing == 0:
+        return coil_data
+    zeros = coil_data.new_zeros(*coil_data.shape[:-3], missing, *coil_data.shape[-2:])
+    return torch.cat([coil_data, zeros], dim=-3)
 
 
 def _seed_worker_masks(worker_id: int) -> None:
@@ -295,6 +335,6 @@ def _collate(items: list[dict]) -> dict:
     except RuntimeError as err:
         shapes = sorted({tuple(i["kspace"].shape) for i in items})
         raise ConfigError(
-            f"slices or slabs of different shapes {shapes} (coil counts or matrices) cannot "
-            "share a batch; set train.batch_size to 1"
+            f"slices or slabs of different shapes {shapes} (matrices) cannot share a batch; "
+            "set train.batch_size to 1"
         ) from err

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from medinv.inference.reconstruction import prepare, zero_filled
+from medinv.inference.reconstruction import prepare, reconstruct, zero_filled
+from medinv.models import build_model
 from medinv.mri.fft import ifft2c
 from medinv.training import reconstruction
 from medinv.training.checkpoint import read_checkpoint
@@ -78,12 +79,51 @@ def test_loader_workers_prepare_the_measurement(kspace_set, tmp_path):
     dataset = reconstruction.slice_dataset(config.data.train, config, fixed_masks=True)
     items = [dataset[0], dataset[1]]
     batch = reconstruction.MeasuredBatches(config)(items)
-    expected = reconstruction._measure(reconstruction._collate(items), config)
+    alone = [reconstruction._measure(reconstruction._collate([i]), config) for i in items]
     for name in ("kspace", "mask", "sensitivities", "scale"):
-        torch.testing.assert_close(getattr(batch["measurement"], name), getattr(expected, name))
+        expected = torch.cat([getattr(m, name) for m in alone])
+        torch.testing.assert_close(getattr(batch["measurement"], name), expected)
     config.train.num_workers = 1
     history = reconstruction.train_reconstruction(config, tmp_path / "run", torch.device("cpu"))
     assert history["loss"].notna().all() and (history["loss"] > 0).all()
+
+
+def test_slices_with_different_coil_counts_share_a_batch(tmp_path):
+    """Slices of 3 and 5 coils in one batch: the fewer coils are padded with zero coils,
+    and every slice's i-RIM estimate (and so its loss) is the one it gets alone; a run with
+    batches of 2 trains."""
+    root = tiny_kspace_set(tmp_path, 0, {"train": 3, "val": 0, "test": 0}, coils=(3, 5))
+    config = _config(root, 1)
+    config.data.val = None
+    dataset = reconstruction.slice_dataset(config.data.train, config, fixed_masks=True)
+    by_coils = {}
+    for index in range(len(dataset)):
+        item = dataset[index]
+        by_coils.setdefault(item["kspace"].shape[-3], item)
+    assert len(by_coils) >= 2, f"the set drew one coil count only: {sorted(by_coils)}"
+    items = [by_coils[min(by_coils)], by_coils[max(by_coils)]]
+    batch = reconstruction.MeasuredBatches(config)(items)
+    measurement = batch["measurement"]
+    fewest = items[0]["kspace"].shape[-3]
+    assert measurement.kspace.shape[1] == measurement.sensitivities.shape[1] == max(by_coils)
+    assert batch["kspace"].shape[1] == max(by_coils)
+    assert not measurement.sensitivities[0, fewest:].any()
+    assert not measurement.kspace[0, fewest:].any()
+
+    torch.manual_seed(0)
+    model = build_model("irim", config.model.kwargs()).eval()
+    for up in model.modules():  # a machine that does something: G's last layers not zero
+        if isinstance(up, nn.ConvTranspose2d):
+            nn.init.normal_(up.weight, std=0.1)
+    with torch.no_grad():
+        together = reconstruct(model, measurement)
+        for i, item in enumerate(items):
+            alone = reconstruction.MeasuredBatches(config)([item])["measurement"]
+            torch.testing.assert_close(together[i : i + 1], reconstruct(model, alone))
+
+    config.train.batch_size = 2
+    history = reconstruction.train_reconstruction(config, tmp_path / "run", torch.device("cpu"))
+    assert history["loss"].notna().all()
 
 
 def test_prepare_scales_each_slice_and_zero_filled_undoes_it():
