@@ -298,7 +298,14 @@ def _mix_channels(x: Tensor, w: Tensor) -> Tensor:
     if x.ndim < 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"expected input of shape (B, {w.shape[1]}, ...), got {tuple(x.shape)}")
     with torch.autocast(x.device.type, enabled=False):
-        return (w.to(x.dtype) @ _flat(x)).view(x.shape)
+        flat = _flat(x)
+        return torch.bmm(_batched(w.to(x.dtype), flat), flat).view(x.shape)
+
+
+def _batched(w: Tensor, flat: Tensor) -> Tensor:
+    """``w`` ``(C, C)`` as a ``(B, C, C)`` view for ``bmm`` with ``flat`` ``(B, C, N)``: one
+    operator, where ``w @ flat`` broadcasts through a dozen."""
+    return w.expand(flat.shape[0], *w.shape)
 
 
 def _flat_view(t: Tensor) -> Tensor | None:
@@ -332,10 +339,10 @@ def _mix_in_place(x: Tensor, w: Tensor, chunks: int = 8) -> Tensor | None:
         return None
     n, step = flat.shape[-1], _slab_positions(flat, chunks)
     with torch.autocast(flat.device.type, enabled=False):
-        w = w.to(flat.dtype)
+        w = _batched(w.to(flat.dtype), flat)
         for start in range(0, n, step):
             slab = flat[..., start : start + step]
-            slab.copy_(w @ slab)
+            slab.copy_(torch.bmm(w, slab))
     return x
 
 
@@ -346,15 +353,16 @@ def _unmix_in_place(flat_y: Tensor, flat_grad: Tensor, w_t: Tensor, chunks: int 
     with torch.autocast(flat_y.device.type, enabled=False):
         w_t = w_t.to(flat_y.dtype)
         grad_w = flat_y.new_zeros(w_t.shape)
+        w_t = _batched(w_t, flat_y)
         for start in range(0, n, step):
             y_slab = flat_y[..., start : start + step]
             grad_slab = flat_grad[..., start : start + step]
-            x_slab = w_t @ y_slab
+            x_slab = torch.bmm(w_t, y_slab)
             for grad_b, x_b in zip(grad_slab, x_slab, strict=True):
                 grad_w.addmm_(grad_b, x_b.mT)  # one kernel; no (B, C, C) temporary
             y_slab.copy_(x_slab)
             del x_slab
-            grad_slab.copy_(w_t @ grad_slab)
+            grad_slab.copy_(torch.bmm(w_t, grad_slab))
     return grad_w
 
 
