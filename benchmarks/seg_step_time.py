@@ -42,7 +42,7 @@ def training_step(config, crop: list[int], device: torch.device):
     t = config.train
     torch.manual_seed(0)
     model = build_model(config.model.kind, config.model_kwargs()).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loss_fn = (DiceCELoss if t.loss == "dice_ce" else DiceLoss)(
         sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, squared_pred=True
     )
