@@ -21,6 +21,7 @@ from medinv.invertible import (
     haar_matrix,
     orthogonal_matrix,
 )
+from medinv.invertible.orthogonal import matrix_exp
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 SHAPE = {1: (8,), 2: (4, 6), 3: (4, 2, 4)}
@@ -127,6 +128,39 @@ def test_cayley_matches_the_explicit_inverse_and_its_gradient():
     (grad,) = torch.autograd.grad((w * weights).sum(), theta)
     (expected_grad,) = torch.autograd.grad((expected * weights).sum(), theta)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (7, 3, 3), (2, 4, 8, 8)])
+def test_matrix_exp_matches_torch_values_and_gradients(shape):
+    """Against ``torch.linalg.matrix_exp`` in float64, over a batch whose norms span 1e-6
+    to 60 (so the shared scaling is far too fine for most of its matrices) and a zero
+    matrix; skew-symmetric inputs give orthogonal matrices. The largest general matrices
+    have entries near 1e13, where both results are only as good as their conditioning
+    allows (a few 1e-12 relative)."""
+    torch.manual_seed(0)
+    a = torch.randn(shape, dtype=torch.float64)
+    scales = torch.logspace(-6, 1, a[..., 0, 0].numel(), dtype=torch.float64)
+    a = a * scales.reshape(a.shape[:-2] + (1, 1))
+    if a.ndim > 2:
+        a.reshape(-1, *shape[-2:])[0] = 0
+    a.requires_grad_()
+    weights = torch.randn(shape, dtype=torch.float64)
+    expected = torch.linalg.matrix_exp(a)
+    got = matrix_exp(a)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    (grad,) = torch.autograd.grad((got * weights).sum(), a)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), a)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-11)
+    skew = a.detach() - a.detach().mT
+    w = matrix_exp(skew)
+    eye = torch.eye(shape[-1], dtype=torch.float64).expand_as(w)
+    torch.testing.assert_close(w @ w.mT, eye, rtol=0, atol=1e-12)
+
+
+def test_matrix_exp_passes_gradcheck():
+    torch.manual_seed(0)
+    a = (2 * torch.randn(3, 4, 4, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(matrix_exp, (a,))
 
 
 @pytest.mark.parametrize("init", ["random", "identity"])
