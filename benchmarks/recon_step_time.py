@@ -5,9 +5,11 @@ step time is mostly host time: one dispatch (and kernel launch) per operator. Th
 benchmark runs medinv's training step (the prepared measurement moved to the device,
 forward, SSIM + L1 loss, backward, gradient clipping, Adam) on slices of a k-space set for
 each config, and reports the median time per step and the number of ATen operators per
-step (nested ones included, from the profiler). The loader's workers prepare each batch's
-measurement (coil maps, scale) while the device trains; its time per batch on this host
-is reported beside the step. The i-RIM runs memory-efficiently with its
+step (nested ones included, from the profiler), and the step's time on a tiny input (4
+coils, 16x16), where the arithmetic is negligible: what the host spends per step (Python,
+dispatch, kernel launches), the floor of a host-bound step. The loader's workers prepare
+each batch's measurement (coil maps, scale) while the device trains; its time per batch on
+this host is reported beside the step. The i-RIM runs memory-efficiently with its
 orthogonal layers' weights batched (the default), memory-efficiently without batching (each
 layer's weight computed at each use, the baseline) and with plain autograd.
 
@@ -29,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import add_kspace_set_arguments, header, measure, publish  # noqa: E402
-from medinv.inference.reconstruction import magnitude_crop  # noqa: E402
+from medinv.inference.reconstruction import Measurement, magnitude_crop  # noqa: E402
 from medinv.invertible import orthogonal  # noqa: E402
 from medinv.models import build_model  # noqa: E402
 from medinv.training.config import load_config  # noqa: E402
@@ -75,6 +77,27 @@ def training_step(config, overrides: dict, batches: list[dict], device: torch.de
 
     params = sum(p.numel() for p in model.parameters())
     return step, params
+
+
+#: The tiny input of the host-cost column: 4 coils, 16x16, where the arithmetic is
+#: negligible and a step's time is the host's (Python, dispatch, kernel launches).
+TINY = (4, 16, 16)
+
+
+def tiny_batches(multicoil: bool) -> list[dict]:
+    """One seeded batch of :data:`TINY` k-space, coil maps, full mask and target."""
+    generator = torch.Generator().manual_seed(0)
+    coils, height, width = TINY
+    shape = (1, coils, height, width) if multicoil else (1, height, width)
+    kspace = torch.randn(shape, dtype=torch.complex64, generator=generator)
+    maps = torch.randn(shape, dtype=torch.complex64, generator=generator) if multicoil else None
+    if maps is not None:
+        maps /= maps.abs().square().sum(1, keepdim=True).sqrt()
+    mask = torch.ones(1, *([1] * (len(shape) - 2)), width)
+    measurement = Measurement(kspace, mask, maps, torch.ones(1))
+    return [
+        {"measurement": measurement, "target": torch.rand(1, height, width, generator=generator)}
+    ]
 
 
 #: The profiler's label of the update: gradient clipping, Adam's step, zeroing the gradients.
@@ -166,6 +189,16 @@ def main() -> None:
                 args.warmup,
                 args.repeats,
             )
+            host = float("nan")  # a 3D model's input is a slab: no tiny slice for it
+            if config.model.dim == 2:
+                tiny = tiny_batches(config.data.challenge == "multicoil")
+                host = timed_step(
+                    partial(training_step, config, overrides, tiny, device),
+                    batched,
+                    device,
+                    args.warmup,
+                    args.repeats,
+                )[1]
             rows.append(
                 {
                     "config": path.name,
@@ -173,6 +206,7 @@ def main() -> None:
                     "variant": name,
                     "parameters": params,
                     "ms per step": 1e3 * seconds,
+                    "ms per step at 16x16": 1e3 * host,
                     "prepare ms per batch": 1e3 * prepare,
                     "ATen operators per step": operators[0],
                     "of which optimizer update": operators[1],
