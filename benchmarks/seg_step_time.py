@@ -1,12 +1,13 @@
 """Time of one segmentation training step, and the operators it runs.
 
 The segmentation counterpart of ``recon_step_time.py``: medinv's training step (forward on
-a random crop of four contrasts, the config's Dice loss on random labels, backward, Adam)
+a random crop of four contrasts, the config's Dice loss on random labels, backward, AdamW)
 for each model of ``seg_quality.py``, with the config's precision. iUNets run
 memory-efficiently with their orthogonal matrices batched per chain (the default) and
 without batching (each layer's matrices computed at each use, the baseline); MONAI's
-SegResNet runs as it is. Reports the median time per step and the ATen operators per step
-(nested ones included, from the profiler).
+SegResNet runs as it is. Reports the median time per step, the same on a tiny 16^3 crop
+(what the host spends per step, the floor of a host-bound step) and the ATen operators
+per step (nested ones included, from the profiler).
 
     python benchmarks/seg_step_time.py --config configs/iunet_brats_like.yaml \\
         --models iUNet-32 SegResNet-32 --out benchmarks/results/seg_step_time_h100.md
@@ -35,6 +36,9 @@ from medinv.models import build_model  # noqa: E402
 from medinv.training.config import load_config  # noqa: E402
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Edge of the tiny crop of the host-cost column: the iUNet's total stride (five scales),
+#: where the arithmetic is small and a step's time is mostly the host's.
+TINY_EDGE = 16
 
 
 def training_step(config, crop: list[int], device: torch.device):
@@ -90,12 +94,20 @@ def main() -> None:
                 args.warmup,
                 args.repeats,
             )
+            host = timed_step(
+                partial(training_step, config, [TINY_EDGE] * 3, device),
+                batched,
+                device,
+                args.warmup,
+                args.repeats,
+            )[1]
             rows.append(
                 {
                     "model": name,
                     "variant": variant,
                     "parameters": params,
                     "ms per step": 1e3 * seconds,
+                    f"ms per step at {TINY_EDGE}^3": 1e3 * host,
                     "ATen operators per step": operators[0],
                     "of which optimizer update": operators[1],
                     "peak GiB": float("nan") if peak is None else peak / 2**30,
