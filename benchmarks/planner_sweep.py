@@ -120,7 +120,9 @@ def main() -> None:
         print({k: v for k, v in row.items() if not k.startswith("_")}, flush=True)
 
     calibration = planner.calibration("inference", "fp32", coils)
-    primed = f", every batch run once before under {args.primed_under}" if args.primed_under else ""
+    primed = ""
+    if args.primed_under and device.type == "cuda":
+        primed = f", every batch run once before under {args.primed_under}"
     table = pd.DataFrame(rows).drop(columns="_measured")
     text = "\n".join(
         [
