@@ -170,19 +170,9 @@ class OrthogonalConv(InvertibleModule):
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
         w = backward_weight(self)
-        w_t = w.detach().mT
-        flat_y, flat_grad = _flat_view(y), _flat_view(grad_y)
-        if flat_y is None or flat_grad is None:
-            x = _mix_channels(y, w_t)
-            grad_x = _mix_channels(grad_y, w_t)
-            # dL/dW = sum over batch and positions of grad_y x^T.
-            grad_w = torch.einsum("bin,bjn->ij", _flat(grad_y), _flat(x)).to(w.dtype)
-        else:
-            # The engine owns y and grad_y: mix them in place, a slab of positions at a
-            # time, so that the state is never held twice.
-            x, grad_x = y, grad_y
-            grad_w = _unmix_in_place(flat_y, flat_grad, w_t).to(w.dtype)
-        return x, grad_x, weight_grads(self, w, grad_w, params)
+        # y = W x: x = W^T y, and dL/dW = sum over batch and positions of grad_y x^T.
+        x, grad_x, grad_w = unmix(y, grad_y, w.detach().mT)
+        return x, grad_x, weight_grads(self, w, grad_w.to(w.dtype), params)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, parametrization={self.parametrization!r}"
@@ -382,6 +372,22 @@ def _mix_in_place(x: Tensor, w: Tensor, chunks: int = 8) -> Tensor | None:
             slab = flat[..., start : start + step]
             slab.copy_(torch.bmm(w, slab))
     return x
+
+
+def unmix(y: Tensor, grad_y: Tensor, w_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of a mixing ``y = w_t^T x``: ``x = w_t y``, ``grad_x = w_t grad_y`` and
+    ``sum grad_y x^T`` over batch and positions (``(C, C)``).
+
+    The engine owns ``y`` and ``grad_y``, so where their strides allow they are mixed in
+    place, a slab of positions at a time (:func:`_unmix_in_place`), and the state is never
+    held twice; otherwise into new tensors.
+    """
+    flat_y, flat_grad = _flat_view(y), _flat_view(grad_y)
+    if flat_y is not None and flat_grad is not None:
+        return y, grad_y, _unmix_in_place(flat_y, flat_grad, w_t)
+    x = _mix_channels(y, w_t)
+    grad_x = _mix_channels(grad_y, w_t)
+    return x, grad_x, torch.einsum("bin,bjn->ij", _flat(grad_y), _flat(x))
 
 
 def _unmix_in_place(flat_y: Tensor, flat_grad: Tensor, w_t: Tensor, chunks: int = 8) -> Tensor:

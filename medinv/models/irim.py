@@ -26,12 +26,9 @@ from medinv.invertible import (
 )
 from medinv.invertible.base import ParamGrads
 from medinv.invertible.orthogonal import (
-    _flat,
-    _flat_view,
-    _mix_channels,
     _mix_in_place,
-    _unmix_in_place,
     backward_weight,
+    unmix,
     weight_grads,
 )
 from medinv.mri.operators import SenseOperator, SingleCoilOperator
@@ -185,20 +182,12 @@ class TransposedOrthogonalConv(InvertibleModule):
         self, y: Tensor, grad_y: Tensor, grad_log_det: Tensor | None, params: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, ParamGrads]:
         w = backward_weight(self.conv)
-        flat_y, flat_grad = _flat_view(y), _flat_view(grad_y)
-        if flat_y is None or flat_grad is None:
-            x = _mix_channels(y, w.detach())
-            grad_x = _mix_channels(grad_y, w.detach())
-            # y_i = sum_j W_ji x_j, so dL/dW_ji = sum over batch and positions of x_j grad_y_i.
-            grad_w = torch.einsum("bjn,bin->ji", _flat(x), _flat(grad_y)).to(w.dtype)
-        else:
-            # The engine owns y and grad_y: x = W y and grad_x = W grad_y in their memory;
-            # what that returns, sum grad_y x^T, is dL/dW transposed.
-            x, grad_x = y, grad_y
-            grad_w = _unmix_in_place(flat_y, flat_grad, w.detach()).mT.to(w.dtype)
+        # y = W^T x: x = W y, and y_i = sum_j W_ji x_j gives dL/dW_ji = sum x_j grad_y_i,
+        # the transpose of what unmix returns.
+        x, grad_x, grad_w_t = unmix(y, grad_y, w.detach())
         if not params:
             return x, grad_x, []
-        return x, grad_x, weight_grads(self.conv, w, grad_w, params)
+        return x, grad_x, weight_grads(self.conv, w, grad_w_t.mT.to(w.dtype), params)
 
 
 class IRIM(nn.Module):
