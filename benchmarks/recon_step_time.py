@@ -155,6 +155,26 @@ def timed_step(make_step, batched: bool, device: torch.device, warmup: int, repe
         orthogonal.BATCH_WEIGHTS = True
 
 
+def step_columns(make_step, make_tiny, tiny_label: str, batched: bool, device, args) -> dict:
+    """The step benchmarks' measured columns for one variant: :func:`timed_step` of
+    ``make_step`` (size, time, operators, peak), and the time of ``make_tiny`` (the same
+    step on a tiny input, the host's floor) under ``tiny_label``, NaN where None."""
+    params, seconds, peak, operators = timed_step(
+        make_step, batched, device, args.warmup, args.repeats
+    )
+    host = float("nan")
+    if make_tiny is not None:
+        host = timed_step(make_tiny, batched, device, args.warmup, args.repeats)[1]
+    return {
+        "parameters": params,
+        "ms per step": 1e3 * seconds,
+        tiny_label: 1e3 * host,
+        "ATen operators per step": operators[0],
+        "of which optimizer update": operators[1],
+        "peak GiB": float("nan") if peak is None else peak / 2**30,
+    }
+
+
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     """``--warmup``, ``--repeats``, ``--device`` and ``--out`` of the step benchmarks."""
     parser.add_argument("--warmup", type=int, default=3)
@@ -182,36 +202,21 @@ def main() -> None:
         batches = [MeasuredBatches(config)(item) for item in items]
         prepare = measure(lambda it=items[0], c=config: MeasuredBatches(c)(it), cpu)[0]
         for name, overrides, batched in variants(config.model.kind):
-            params, seconds, peak, operators = timed_step(
-                partial(training_step, config, overrides, batches, device),
-                batched,
-                device,
-                args.warmup,
-                args.repeats,
-            )
-            host = float("nan")  # a 3D model's input is a slab: no tiny slice for it
+            tiny = None  # a 3D model's input is a slab: no tiny slice for it
             if config.model.dim == 2:
-                tiny = tiny_batches(config.data.challenge == "multicoil")
-                host = timed_step(
-                    partial(training_step, config, overrides, tiny, device),
+                batch = tiny_batches(config.data.challenge == "multicoil")
+                tiny = partial(training_step, config, overrides, batch, device)
+            rows.append(
+                {"config": path.name, "model": config.model.kind, "variant": name}
+                | step_columns(
+                    partial(training_step, config, overrides, batches, device),
+                    tiny,
+                    "ms per step at 16x16",
                     batched,
                     device,
-                    args.warmup,
-                    args.repeats,
-                )[1]
-            rows.append(
-                {
-                    "config": path.name,
-                    "model": config.model.kind,
-                    "variant": name,
-                    "parameters": params,
-                    "ms per step": 1e3 * seconds,
-                    "ms per step at 16x16": 1e3 * host,
-                    "prepare ms per batch": 1e3 * prepare,
-                    "ATen operators per step": operators[0],
-                    "of which optimizer update": operators[1],
-                    "peak GiB": float("nan") if peak is None else peak / 2**30,
-                }
+                    args,
+                )
+                | {"prepare ms per batch": 1e3 * prepare}
             )
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)

@@ -29,7 +29,7 @@ from benchmarks.common import header, publish  # noqa: E402
 from benchmarks.recon_step_time import (  # noqa: E402
     add_step_arguments,
     optimizer_update,
-    timed_step,
+    step_columns,
 )
 from benchmarks.seg_quality import MODELS  # noqa: E402
 from medinv.models import build_model  # noqa: E402
@@ -87,31 +87,16 @@ def main() -> None:
         else:
             variants = [("plain autograd", True)]
         for variant, batched in variants:
-            params, seconds, peak, operators = timed_step(
-                partial(training_step, config, crop, device),
-                batched,
-                device,
-                args.warmup,
-                args.repeats,
-            )
-            host = timed_step(
-                partial(training_step, config, [TINY_EDGE] * 3, device),
-                batched,
-                device,
-                args.warmup,
-                args.repeats,
-            )[1]
             rows.append(
-                {
-                    "model": name,
-                    "variant": variant,
-                    "parameters": params,
-                    "ms per step": 1e3 * seconds,
-                    f"ms per step at {TINY_EDGE}^3": 1e3 * host,
-                    "ATen operators per step": operators[0],
-                    "of which optimizer update": operators[1],
-                    "peak GiB": float("nan") if peak is None else peak / 2**30,
-                }
+                {"model": name, "variant": variant}
+                | step_columns(
+                    partial(training_step, config, crop, device),
+                    partial(training_step, config, [TINY_EDGE] * 3, device),
+                    f"ms per step at {TINY_EDGE}^3",
+                    batched,
+                    device,
+                    args,
+                )
             )
             print(rows[-1], flush=True)
     text = "\n".join(
