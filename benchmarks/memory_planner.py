@@ -383,7 +383,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for index in range(len(args.budgets)):
             result = Path(folder) / f"budget{index}.json"
-            subprocess.run(budget_command(args, index, result), check=True)
+            subprocess.run(budget_command(index, result), check=True)
             found = json.loads(result.read_text())
             rows += found["rows"]
             calibration_seconds += found["calibration_seconds"]
@@ -391,20 +391,22 @@ def main() -> None:
     publish(report(pd.DataFrame(rows), args, device, calibration_seconds, fixed), args.out)
 
 
-def budget_command(args, index: int, rows_json: Path) -> list[str]:
-    """This script's command line for budget ``index`` alone, its rows to ``rows_json``.
+def budget_command(index: int, rows_json: Path) -> list[str]:
+    """This script's own command line, for budget ``index`` alone, its rows to ``rows_json``.
 
     Each budget runs in a process of its own, as it would on its own card: cuDNN keeps, per
     convolution shape, the kernel that ran first, and where the heuristics' first choice
     could not get its workspace under a small budget it keeps the fallback. A larger budget
     in the same process would then run that shape with less memory than a fresh process.
     """
-    command = [sys.executable, str(Path(__file__).resolve()), "--budgets", *args.budgets]
-    command += ["--irim-cases", str(args.irim_cases), "--irim3d-cases", str(args.irim3d_cases)]
-    command += ["--iunet-cases", str(args.iunet_cases), "--overlap", str(args.overlap)]
-    command += ["--seed", str(args.seed), "--device", args.device]
-    command += ["--no-fixed"] * args.no_fixed + ["--smoke"] * args.smoke
-    return command + ["--only-budget", str(index), "--rows-json", str(rows_json)]
+    own = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
+    return own + ["--only-budget", str(index), "--rows-json", str(rows_json)]
+
+
+def cap_memory(budget: int, device: torch.device) -> None:
+    """Cap this process's CUDA memory at ``budget`` bytes, as a card of that size."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
 
 
 def run_budget(args, index: int, device: torch.device) -> tuple[list[dict], float]:
@@ -423,8 +425,7 @@ def run_budget(args, index: int, device: torch.device) -> tuple[list[dict], floa
     cases, inputs = draw_cases(args), Inputs(args.seed)
     fixed = SMOKE_FIXED_PLANS if args.smoke else FIXED_PLANS
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        cap_memory(budget, device)
     # each planner's budget leaves room for the other models' weights
     planners = {
         name: Planner(model, device, budget - sum(weights.values()) + weights[name])

@@ -26,7 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import gib, header, publish  # noqa: E402
-from benchmarks.memory_planner import CONFIGS, Inputs, reconstruct_volume  # noqa: E402
+from benchmarks.memory_planner import (  # noqa: E402
+    CONFIGS,
+    Inputs,
+    cap_memory,
+    reconstruct_volume,
+)
 from medinv.inference.memory_model import resident_bytes  # noqa: E402
 from medinv.inference.peak import measure_peak, release_memory  # noqa: E402
 from medinv.inference.planner import Planner  # noqa: E402
@@ -74,7 +79,7 @@ def main() -> None:
     inputs.kspace(coils, height, width)  # made once, outside what is measured
     resident = resident_bytes(model, "inference")
     if args.primed_under and device.type == "cuda":
-        cap_memory(args.primed_under, device)
+        cap_memory(parse_memory(args.primed_under), device)
         for batch in sorted(args.batches):
             shape = (batch, coils, height, width)
             try:
@@ -83,7 +88,7 @@ def main() -> None:
                 pass
             release_memory(device)
     if args.budget and device.type == "cuda":
-        cap_memory(args.budget, device)
+        cap_memory(parse_memory(args.budget), device)
     rows = []
     for batch in sorted(args.batches):
         shape = (batch, coils, height, width)
@@ -139,12 +144,6 @@ def main() -> None:
         ]
     )
     publish(text, args.out)
-
-
-def cap_memory(text: str, device: torch.device) -> None:
-    """Cap this process's CUDA memory at ``text`` (e.g. ``32GiB``), as a smaller card."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, parse_memory(text) / total), device)
 
 
 def _allocator_retries(device: torch.device) -> int:
