@@ -13,6 +13,7 @@ from argparse import ArgumentParser
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from medinv.devices import describe
@@ -47,6 +48,53 @@ def measure(
         if device.type == "cuda":
             peaks.append(torch.cuda.max_memory_allocated(device))
     return statistics.median(times), (min(peaks) if peaks else None)
+
+
+#: CUDA runtime calls after which the host waits for the device or the driver.
+WAITS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpyAsync",
+    "cudaMalloc",
+    "cudaFree",
+)
+#: The waits of :data:`WAITS` that drain the device's queue.
+SYNCHRONIZATIONS = WAITS[:3]
+
+
+def profile(fn: Callable[[], None], device: torch.device, repeats: int):
+    """``fn`` run ``repeats`` times under ``torch.profiler`` (after one unprofiled call):
+    ``(profiler, per-operator table, wall seconds per call)``.
+
+    The table has, per operator key and per call of ``fn``: ``calls``; ``ms``, its self
+    time (kernel time on CUDA, CPU time on the CPU; for the :data:`WAITS`, the host's time
+    in the call); and ``host_ms``, its self CPU time.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    fn()
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        synchronize(device)
+        wall = (time.perf_counter() - start) / repeats
+    rows = {}
+    for event in prof.key_averages():
+        host = event.self_cpu_time_total / 1e3 / repeats
+        own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if event.key in WAITS:
+            own = event.self_cpu_time_total  # host time spent in the call
+        rows[event.key] = {
+            "calls": event.count / repeats,
+            "ms": own / 1e3 / repeats,
+            "host_ms": host,
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["calls", "ms", "host_ms"])
+    return prof, table, wall
 
 
 def commit() -> str:

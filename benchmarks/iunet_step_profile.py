@@ -17,50 +17,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import header, synchronize  # noqa: E402
+from benchmarks.common import WAITS, header, profile  # noqa: E402
 from benchmarks.iunet_memory import medinv_core, train_step  # noqa: E402
-
-#: CUDA runtime calls after which the host waits for the device or the driver.
-WAITS = (
-    "cudaStreamSynchronize",
-    "cudaDeviceSynchronize",
-    "cudaEventSynchronize",
-    "cudaMemcpyAsync",
-    "cudaMalloc",
-    "cudaFree",
-)
-
-
-def profile(fn, device: torch.device, repeats: int) -> tuple[pd.DataFrame, float]:
-    """Per-operator calls and self time (ms) per call of ``fn``, and its wall seconds."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    fn()
-    synchronize(device)
-    with torch.profiler.profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        synchronize(device)
-        wall = (time.perf_counter() - start) / repeats
-    calls, ms = Counter(), Counter()
-    for event in prof.key_averages():
-        calls[event.key] += event.count / repeats
-        own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        if event.key in WAITS:
-            own = event.self_cpu_time_total  # host time spent in the call
-        ms[event.key] += own / 1e3 / repeats
-    table = pd.DataFrame({"calls": pd.Series(calls), "ms": pd.Series(ms)}).fillna(0.0)
-    return table, wall
 
 
 def main() -> None:
@@ -88,9 +52,12 @@ def main() -> None:
     plain_step, no_grad_forward = train_step(plain, x, None)
 
     runs = {
-        "memory-efficient": profile(efficient_step, device, args.repeats),
-        "plain": profile(plain_step, device, args.repeats),
-        "no-grad forward": profile(no_grad_forward, device, args.repeats),
+        name: profile(fn, device, args.repeats)[1:]
+        for name, fn in [
+            ("memory-efficient", efficient_step),
+            ("plain", plain_step),
+            ("no-grad forward", no_grad_forward),
+        ]
     }
     tables = {name: table for name, (table, _) in runs.items()}
     merged = pd.concat(tables, axis=1).fillna(0.0)

@@ -22,15 +22,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import add_kspace_set_arguments, header, measure, publish  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    SYNCHRONIZATIONS,
+    WAITS,
+    add_kspace_set_arguments,
+    header,
+    measure,
+    profile,
+    publish,
+)
 from medinv.inference.reconstruction import Measurement, magnitude_crop  # noqa: E402
 from medinv.invertible import orthogonal  # noqa: E402
 from medinv.models import build_model  # noqa: E402
@@ -116,20 +125,30 @@ def optimizer_update(model, optimizer, grad_clip: float | None) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-def operator_count(step, device: torch.device) -> tuple[int, int]:
-    """ATen operators one step runs, nested ones included: all of them, and those of the
-    optimizer update (:func:`optimizer_update`)."""
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        step()
+@dataclass
+class StepProfile:
+    """What one training step runs, per step, from the profiler (:func:`step_profile`)."""
+
+    operators: float  #: ATen operators, nested ones included
+    update_operators: float  #: of which the optimizer update's (:func:`optimizer_update`)
+    kernel_ms: float  #: CUDA: summed kernel time; NaN on the CPU
+    synchronizations: float  #: CUDA: calls that drain the device's queue; NaN on the CPU
+    operators_table: pd.DataFrame  #: per operator: calls, ms (self), host_ms
+
+
+def step_profile(step, device: torch.device, repeats: int = 3) -> StepProfile:
+    """Profile ``repeats`` calls of ``step`` (after one unprofiled call) and average."""
+    prof, table, _ = profile(step, device, repeats)
     total = update = 0
     for event in prof.events():
         if event.name.startswith("aten::"):
             total += 1
             update += _under(event, UPDATE)
-    return total, update
+    kernel_ms = synchronizations = float("nan")
+    if device.type == "cuda":
+        kernel_ms = table.ms.drop(index=[w for w in WAITS if w in table.index]).sum()
+        synchronizations = table.calls.reindex(SYNCHRONIZATIONS, fill_value=0.0).sum()
+    return StepProfile(total / repeats, update / repeats, kernel_ms, synchronizations, table)
 
 
 def _under(event, label: str) -> bool:
@@ -142,45 +161,66 @@ def _under(event, label: str) -> bool:
 
 
 def timed_step(make_step, batched: bool, device: torch.device, warmup: int, repeats: int):
-    """``(parameters, seconds, peak bytes or None, (ATen operators, of which the optimizer
-    update's))`` of the training step ``make_step()`` builds (returning ``(step,
-    parameters)``), with chains batching their orthogonal matrices or computing them at
-    each use."""
+    """``(parameters, seconds, peak bytes or None, StepProfile)`` of the training step
+    ``make_step()`` builds (returning ``(step, parameters)``), with chains batching their
+    orthogonal matrices or computing them at each use."""
     orthogonal.BATCH_WEIGHTS = batched
     try:
         step, params = make_step()
         seconds, peak = measure(step, device, warmup, repeats)
-        return params, seconds, peak, operator_count(step, device)
+        return params, seconds, peak, step_profile(step, device)
     finally:
         orthogonal.BATCH_WEIGHTS = True
 
 
-def step_columns(make_step, make_tiny, tiny_label: str, batched: bool, device, args) -> dict:
-    """The step benchmarks' measured columns for one variant: :func:`timed_step` of
-    ``make_step`` (size, time, operators, peak), and the time of ``make_tiny`` (the same
-    step on a tiny input, the host's floor) under ``tiny_label``, NaN where None."""
-    params, seconds, peak, operators = timed_step(
-        make_step, batched, device, args.warmup, args.repeats
-    )
+def step_columns(
+    make_step, make_tiny, tiny_label: str, batched: bool, device, args
+) -> tuple[dict, pd.DataFrame]:
+    """The step benchmarks' measured columns for one variant, and its per-operator table.
+
+    The columns: :func:`timed_step` of ``make_step`` (size, time, operators, peak; on
+    CUDA also the kernel time and the synchronisations per step, which tell a host-bound
+    step from a device-bound one), and the time of ``make_tiny`` (the same step on a tiny
+    input, the host's floor) under ``tiny_label``, NaN where None.
+    """
+    params, seconds, peak, prof = timed_step(make_step, batched, device, args.warmup, args.repeats)
     host = float("nan")
     if make_tiny is not None:
         host = timed_step(make_tiny, batched, device, args.warmup, args.repeats)[1]
-    return {
+    columns = {
         "parameters": params,
         "ms per step": 1e3 * seconds,
         tiny_label: 1e3 * host,
-        "ATen operators per step": operators[0],
-        "of which optimizer update": operators[1],
-        "peak GiB": float("nan") if peak is None else peak / 2**30,
+        "ATen operators per step": prof.operators,
+        "of which optimizer update": prof.update_operators,
     }
+    if device.type == "cuda":
+        columns |= {
+            "kernel ms per step": prof.kernel_ms,
+            "synchronizations per step": prof.synchronizations,
+        }
+    columns["peak GiB"] = float("nan") if peak is None else peak / 2**30
+    return columns, prof.operators_table
+
+
+def host_time_section(label: str, table: pd.DataFrame, top: int) -> str:
+    """A report section: the ``top`` operators of one variant's step by the host's own
+    time in them (CPU time; on CUDA with each one's kernel time beside it)."""
+    table = table.sort_values("host_ms", ascending=False).head(top)
+    table = table.rename(columns={"calls": "calls per step", "ms": "self ms", "host_ms": "host ms"})
+    return f"### {label}: host time by operator (top {top})\n\n" + table.to_markdown(floatfmt=".2f")
 
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--warmup``, ``--repeats``, ``--device`` and ``--out`` of the step benchmarks."""
+    """``--warmup``, ``--repeats``, ``--device``, ``--out`` and ``--top`` of the step
+    benchmarks."""
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--top", type=int, default=0, help="list each variant's N operators of most host time"
+    )
 
 
 def main() -> None:
@@ -193,7 +233,7 @@ def main() -> None:
     add_step_arguments(parser)
     args = parser.parse_args()
     device, cpu = torch.device(args.device), torch.device("cpu")
-    rows = []
+    rows, sections = [], []
     for path in args.configs:
         config = load_config(path, task="reconstruct")
         folder = args.data / f"{args.challenge}_train"
@@ -206,18 +246,21 @@ def main() -> None:
             if config.model.dim == 2:
                 batch = tiny_batches(config.data.challenge == "multicoil")
                 tiny = partial(training_step, config, overrides, batch, device)
+            columns, operators = step_columns(
+                partial(training_step, config, overrides, batches, device),
+                tiny,
+                "ms per step at 16x16",
+                batched,
+                device,
+                args,
+            )
             rows.append(
                 {"config": path.name, "model": config.model.kind, "variant": name}
-                | step_columns(
-                    partial(training_step, config, overrides, batches, device),
-                    tiny,
-                    "ms per step at 16x16",
-                    batched,
-                    device,
-                    args,
-                )
+                | columns
                 | {"prepare ms per batch": 1e3 * prepare}
             )
+            if args.top:
+                sections.append(host_time_section(f"{path.name}, {name}", operators, args.top))
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     text = "\n".join(
@@ -229,6 +272,7 @@ def main() -> None:
             f"median of {args.repeats} steps after {args.warmup}",
             "",
             table.to_markdown(index=False, floatfmt=".1f"),
+            *("\n" + section for section in sections),
         ]
     )
     publish(text, args.out)

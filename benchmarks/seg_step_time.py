@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import header, publish  # noqa: E402
 from benchmarks.recon_step_time import (  # noqa: E402
     add_step_arguments,
+    host_time_section,
     optimizer_update,
     step_columns,
 )
@@ -75,7 +76,7 @@ def main() -> None:
     device = torch.device(args.device)
     config = load_config(args.config, task="segment")
     crop = list(args.crop or config.data.roi_size)
-    rows = []
+    rows, sections = [], []
     for name in args.models:
         config.model.kind = MODELS[name]["kind"]
         config.model.channels = MODELS[name]["channels"]
@@ -87,17 +88,17 @@ def main() -> None:
         else:
             variants = [("plain autograd", True)]
         for variant, batched in variants:
-            rows.append(
-                {"model": name, "variant": variant}
-                | step_columns(
-                    partial(training_step, config, crop, device),
-                    partial(training_step, config, [TINY_EDGE] * 3, device),
-                    f"ms per step at {TINY_EDGE}^3",
-                    batched,
-                    device,
-                    args,
-                )
+            columns, operators = step_columns(
+                partial(training_step, config, crop, device),
+                partial(training_step, config, [TINY_EDGE] * 3, device),
+                f"ms per step at {TINY_EDGE}^3",
+                batched,
+                device,
+                args,
             )
+            rows.append({"model": name, "variant": variant} | columns)
+            if args.top:
+                sections.append(host_time_section(f"{name}, {variant}", operators, args.top))
             print(rows[-1], flush=True)
     text = "\n".join(
         [
@@ -109,6 +110,7 @@ def main() -> None:
             f"{'x'.join(map(str, crop))}; median of {args.repeats} steps after {args.warmup}",
             "",
             pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f"),
+            *("\n" + section for section in sections),
         ]
     )
     publish(text, args.out)
