@@ -9,13 +9,17 @@ step (nested ones included, from the profiler), and the step's time on a tiny in
 coils, 16x16), where the arithmetic is negligible: what the host spends per step (Python,
 dispatch, kernel launches), the floor of a host-bound step. The loader's workers prepare
 each batch's measurement (coil maps, scale) while the device trains; its time per batch on
-this host is reported beside the step. The i-RIM runs memory-efficiently with its
-orthogonal layers' weights batched (the default), memory-efficiently without batching (each
-layer's weight computed at each use, the baseline) and with plain autograd.
+this host is reported beside the step. On CUDA the profiler also gives each step's summed
+kernel time and its synchronisations (a step whose kernels take a small share of its time
+is host-bound), and ``--top N`` lists each variant's N operators of most host time. The
+i-RIM runs memory-efficiently with its orthogonal layers' weights batched (the default),
+memory-efficiently without batching (each layer's weight computed at each use, the
+baseline) and with plain autograd.
 
     python benchmarks/recon_step_time.py --data data/kspace_small \\
         --configs configs/irim_multicoil_small_gpu.yaml configs/irim_multicoil_wide_gpu.yaml \\
-        configs/rim_multicoil_small.yaml --out benchmarks/results/recon_step_time_h100.md
+        configs/rim_multicoil_small.yaml --top 15 \\
+        --out benchmarks/results/recon_step_time_h100.md
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ memory-efficiently with their orthogonal matrices batched per chain (the default
 without batching (each layer's matrices computed at each use, the baseline); MONAI's
 SegResNet runs as it is. Reports the median time per step, the same on a tiny 16^3 crop
 (what the host spends per step, the floor of a host-bound step) and the ATen operators
-per step (nested ones included, from the profiler).
+per step (nested ones included, from the profiler); on CUDA also the kernel time and
+the synchronisations per step, and with ``--top N`` each variant's N operators of most
+host time.
 
     python benchmarks/seg_step_time.py --config configs/iunet_brats_like.yaml \\
         --models iUNet-32 SegResNet-32 --out benchmarks/results/seg_step_time_h100.md
