@@ -118,6 +118,17 @@ class ReconstructionData(_Strict):
     center_fractions: list[float] = Field(default_factory=lambda: [0.08, 0.04])
     accelerations: list[int] = Field(default_factory=lambda: [4, 8])
     sensitivities: Literal["acs", "espirit"] = "acs"
+    sharpen: float = Field(
+        0.0,
+        ge=0,
+        description="training only: the largest strength of random k-space sharpening "
+        "(medinv.data.kspace_transforms.RandKSpaceSharpend: k-space times 1 + a r^2, r the "
+        "normalised radius, 1 at the corners, a drawn from [0, sharpen], the target "
+        "recomputed); 0: off",
+    )
+    sharpen_probability: float = Field(
+        0.5, ge=0, le=1, description="share of training items sharpened"
+    )
     slab: int = Field(8, ge=1, description="slices per slab of a 3D model (model.dim 3)")
     slab_stride: int | None = Field(
         None, ge=1, description="training slabs start this many slices apart; None: slab"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, default_collate
 
-from medinv.data.kspace_transforms import KSpaceMaskd, KSpaceSliceDataset
+from medinv.data.kspace_transforms import KSpaceMaskd, KSpaceSliceDataset, RandKSpaceSharpend
 from medinv.errors import ConfigError, InputError
 from medinv.inference.reconstruction import Measurement, magnitude_crop, prepare
 from medinv.metrics.reconstruction import volume_metrics
@@ -37,14 +37,19 @@ Progress = Callable[[str, int, int], None]
 
 
 class _Keep:
-    """Undersample, then keep what a training batch needs (collatable), dropping file
-    attributes."""
+    """Augment (training), undersample, then keep what a training batch needs
+    (collatable), dropping file attributes."""
 
-    def __init__(self, mask_func: MaskFunc, fixed_masks: bool):
+    def __init__(
+        self, mask_func: MaskFunc, fixed_masks: bool, augment: RandKSpaceSharpend | None = None
+    ):
         self.mask_func = mask_func
+        self.augment = augment
         self.masker = KSpaceMaskd("kspace", mask_func, fixed_masks)
 
     def __call__(self, item: dict) -> dict:
+        if self.augment is not None:
+            item = self.augment(item)
         item = self.masker(item)
         return {
             "kspace": item["kspace"],
@@ -66,8 +71,8 @@ def slice_dataset(
 ):
     """Slices of ``folder`` (slabs of ``data.slab`` slices, ``stride`` apart, for a 3D
     model) undersampled on the fly, one mask per item: random masks for training (a stream
-    seeded by ``train.seed``), the file name's fastMRI mask for validation
-    (``fixed_masks``)."""
+    seeded by ``train.seed``), sharpened at random where ``data.sharpen`` is set; the file
+    name's fastMRI mask for validation (``fixed_masks``), never sharpened."""
     d = config.data
     mask_func = create_mask_func(
         d.mask_type,
@@ -75,9 +80,15 @@ def slice_dataset(
         accelerations or d.accelerations,
         seed=config.train.seed,
     )
+    augment = None
+    if not fixed_masks and d.sharpen > 0:
+        augment = RandKSpaceSharpend(
+            "kspace", d.challenge == "multicoil", prob=d.sharpen_probability, max_strength=d.sharpen
+        )
+        augment.set_random_state(config.train.seed)
     slab = d.slab if config.model.dim == 3 else None
     return KSpaceSliceDataset(
-        folder, transform=_Keep(mask_func, fixed_masks), slab=slab, stride=stride
+        folder, transform=_Keep(mask_func, fixed_masks, augment), slab=slab, stride=stride
     )
 
 
@@ -163,10 +174,14 @@ def pad_coils(coil_data: Tensor, coils: int) -> Tensor:
 
 
 def _seed_worker_masks(worker_id: int) -> None:
-    """Give each loader worker its own mask stream, derived from the run's seed."""
+    """Give each loader worker its own mask and augmentation streams, derived from the
+    run's seed."""
     info = torch.utils.data.get_worker_info()
     keep = info.dataset.transform
-    keep.mask_func.rng = np.random.RandomState([info.seed % 2**32, worker_id])
+    seed = info.seed % 2**32
+    keep.mask_func.rng = np.random.RandomState([seed, worker_id])
+    if keep.augment is not None:
+        keep.augment.set_random_state(state=np.random.RandomState([seed, worker_id, 1]))
 
 
 class ReconstructionLoss(nn.Module):

@@ -17,12 +17,15 @@ from medinv.data.kspace_transforms import (
     KSpaceSliceDataset,
     NormalizeKSpace,
     NormalizeKSpaced,
+    RandKSpaceSharpend,
     ZeroFilled,
     ZeroFilledd,
+    sharpening_filter,
     slab_starts,
 )
 from medinv.errors import InputError
 from medinv.mri import RandomMaskFunc, SenseOperator, birdcage_maps, fft2c, seed_from_name
+from medinv.mri.fft import center_crop, ifft2c
 from medinv.mri.io import KSpaceHeader, write_kspace_file
 
 SLICES, COILS, H, W = 3, 4, 32, 24
@@ -202,3 +205,74 @@ def test_array_forms_of_normalise_and_crop() -> None:
     odd = torch.arange(9 * 7).reshape(9, 7)
     # fastMRI's window starts at (n - m) // 2: rows 2..5, columns 1..4 here.
     torch.testing.assert_close(ComplexCenterCrop((4, 4))(odd), odd[2:6, 1:5])
+
+
+def test_sharpening_filter_is_one_at_the_centre_and_one_plus_strength_at_the_corners() -> None:
+    f = sharpening_filter((8, 6), 3.0)
+    assert f.shape == (8, 6)
+    assert f[4, 3] == 1.0  # the centre, index n // 2
+    assert f[0, 0] == pytest.approx(4.0)  # a corner: both axes at Nyquist
+    assert f[0, 3] == pytest.approx(2.5) and f[4, 0] == pytest.approx(2.5)
+    assert torch.equal(sharpening_filter((8, 6), 0.0), torch.ones(8, 6, dtype=torch.float64))
+
+
+def _consistent_item(multicoil: bool, slab: int | None = None) -> dict:
+    """Fully sampled k-space with the target fastMRI defines for it (RSS or magnitude of
+    its inverse FFT, centre-cropped to 16x16)."""
+    generator = torch.Generator().manual_seed(3)
+    lead = (slab,) if slab else ()
+    coils = (COILS,) if multicoil else ()
+    image = torch.randn(*lead, *coils, H, W, dtype=torch.complex64, generator=generator)
+    kspace = fft2c(image)
+    magnitude = image.abs().pow(2).sum(-3).sqrt() if multicoil else image.abs()
+    return {"kspace": kspace, "target": center_crop(magnitude, (16, 16)), "filename": "a.h5"}
+
+
+@pytest.mark.parametrize(
+    ("multicoil", "slab"), [(True, None), (False, None), (True, 2), (False, 3)]
+)
+def test_sharpening_filters_kspace_and_recomputes_the_target(multicoil, slab) -> None:
+    item = _consistent_item(multicoil, slab)
+    sharpen = RandKSpaceSharpend("kspace", multicoil, prob=1.0, max_strength=3.0)
+    sharpen.set_random_state(0)
+    out = sharpen(item)
+    assert 0.0 < sharpen.strength <= 3.0
+    # every coil (and slice) is the input times the same real filter
+    expected = item["kspace"] * sharpening_filter((H, W), sharpen.strength).to(torch.float32)
+    torch.testing.assert_close(out["kspace"], expected)
+    # the target is the filtered images' RSS (magnitude), computed from the images directly
+    images = ifft2c(expected)
+    magnitude = images.abs().pow(2).sum(-3).sqrt() if multicoil else images.abs()
+    torch.testing.assert_close(out["target"], center_crop(magnitude, (16, 16)))
+    assert out["target"].dtype == item["target"].dtype
+    # emphasising high frequencies changes the image: the pair is not what it was
+    assert (out["target"] - item["target"]).norm() > 1e-2 * item["target"].norm()
+
+
+def test_sharpening_leaves_items_alone_at_probability_zero() -> None:
+    item = _consistent_item(True)
+    out = RandKSpaceSharpend("kspace", True, prob=0.0)(item)
+    assert out["kspace"] is item["kspace"] and out["target"] is item["target"]
+
+
+def test_sharpening_draws_reproducibly_from_its_seed() -> None:
+    def strengths(seed):
+        t = RandKSpaceSharpend("kspace", True, prob=0.5, max_strength=3.0)
+        t.set_random_state(seed)
+        out = []
+        for _ in range(32):
+            t.randomize()
+            out.append(t.strength if t._do_transform else None)
+        return out
+
+    assert strengths(1) == strengths(1) != strengths(2)
+    assert any(s is None for s in strengths(1)) and any(s is not None for s in strengths(1))
+
+
+def test_sharpening_refuses_a_target_it_cannot_recompute() -> None:
+    item = _consistent_item(True)
+    item["target"] = item["target"] * 1.1  # not the RSS of this k-space
+    with pytest.raises(InputError, match="a.h5: its target is not the RSS"):
+        RandKSpaceSharpend("kspace", True, prob=1.0)(item)
+    with pytest.raises(ValueError, match="max_strength"):
+        RandKSpaceSharpend("kspace", True, max_strength=-1.0)

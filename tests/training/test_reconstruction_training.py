@@ -270,3 +270,26 @@ def test_lr_step_fraction_is_a_share():
             ReconstructionConfig.model_validate(
                 {"task": "reconstruct", "data": {"train": "x"}, "train": {"lr_step_fraction": bad}}
             )
+
+
+def test_training_items_are_sharpened_where_asked_and_validation_items_never(kspace_set):
+    config = _config(kspace_set, 1)
+    config.data.sharpen, config.data.sharpen_probability = 3.0, 1.0
+    plain = reconstruction.KSpaceSliceDataset(config.data.train)
+    train = reconstruction.slice_dataset(config.data.train, config, fixed_masks=False)
+    for i in range(len(train)):
+        item, original = train[i], plain[i]
+        # masked k-space of the filtered slice, and a target recomputed from it (the
+        # generated set's targets are the RSS of their k-space, so the check passes)
+        assert (item["target"] - original["target"]).abs().max() > 1e-3 * original["target"].max()
+    val = reconstruction.slice_dataset(config.data.val, config, fixed_masks=True)
+    val_plain = reconstruction.KSpaceSliceDataset(config.data.val)
+    for i in range(len(val)):
+        assert torch.equal(val[i]["target"], val_plain[i]["target"])
+    config.data.sharpen = 0.0
+    train = reconstruction.slice_dataset(config.data.train, config, fixed_masks=False)
+    assert train.transform.augment is None
+    with pytest.raises(ValueError, match="sharpen"):
+        ReconstructionConfig.model_validate(
+            {"task": "reconstruct", "data": {"train": "t", "sharpen": -1}}
+        )
