@@ -127,6 +127,12 @@ def model_card(args, config, history, table, minutes, weights, device) -> str:
         if t.lr_step_fraction is None
         else f"at every {t.lr_step_fraction:.0%} of the run"
     )
+    sharpening = (
+        f"\n- Augmentation: a share {d.sharpen_probability} of the training slices sharpened in "
+        f"k-space (`data.sharpen`,\n  strengths up to {d.sharpen}), the targets recomputed."
+        if d.sharpen > 0
+        else ""
+    )
     return f"""# {args.name}: default multi-coil i-RIM
 
 **Not for clinical use.** A small i-RIM trained on simulated multi-coil k-space made from
@@ -145,7 +151,7 @@ patient data.
   at {d.accelerations}x (centre fractions {d.center_fractions}), ACS coil maps, Adam lr
   {t.lr} (x{t.lr_gamma} {schedule}), loss {t.ssim_weight} (1 - SSIM)
   + {t.l1_weight} L1 on the target grid, seed {t.seed}; trained in {minutes:.0f} min on
-  {describe(device)}, torch {torch.__version__}.
+  {describe(device)}, torch {torch.__version__}.{sharpening}
 - Best validation SSIM {best["SSIM"]:.4f} at epoch {int(best["epoch"])}.
 
 Held-out test volumes (their own equispaced masks; fastMRI's NMSE, PSNR, SSIM per volume,
