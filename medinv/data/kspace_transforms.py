@@ -294,10 +294,9 @@ class RandKSpaceSharpend(RandomizableTransform, MapTransform):
         self.strength = float(self.R.uniform(0.0, self.max_strength))
 
     def target_of(self, kspace: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """The fastMRI target of fully sampled ``kspace``, cropped to ``shape``."""
-        image = ifft2c(kspace)
-        image = rss(image, dim=-3) if self.multicoil else image.abs()
-        return center_crop(image, shape)
+        """The fastMRI target of fully sampled ``kspace``, cropped to ``shape``: its
+        zero-filled RSS (or magnitude) image."""
+        return ZeroFilled(crop=shape, coil_dim=-3 if self.multicoil else None)(kspace)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
