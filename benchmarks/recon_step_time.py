@@ -164,15 +164,17 @@ def _under(event, label: str) -> bool:
     return False
 
 
-def timed_step(make_step, batched: bool, device: torch.device, warmup: int, repeats: int):
-    """``(parameters, seconds, peak bytes or None, StepProfile)`` of the training step
-    ``make_step()`` builds (returning ``(step, parameters)``), with chains batching their
-    orthogonal matrices or computing them at each use."""
+def timed_step(
+    make_step, batched: bool, device: torch.device, warmup: int, repeats: int, profiled=True
+):
+    """``(parameters, seconds, peak bytes or None, StepProfile or None)`` of the training
+    step ``make_step()`` builds (returning ``(step, parameters)``), with chains batching
+    their orthogonal matrices or computing them at each use; profiled unless told not."""
     orthogonal.BATCH_WEIGHTS = batched
     try:
         step, params = make_step()
         seconds, peak = measure(step, device, warmup, repeats)
-        return params, seconds, peak, step_profile(step, device)
+        return params, seconds, peak, step_profile(step, device) if profiled else None
     finally:
         orthogonal.BATCH_WEIGHTS = True
 
@@ -190,7 +192,7 @@ def step_columns(
     params, seconds, peak, prof = timed_step(make_step, batched, device, args.warmup, args.repeats)
     host = float("nan")
     if make_tiny is not None:
-        host = timed_step(make_tiny, batched, device, args.warmup, args.repeats)[1]
+        host = timed_step(make_tiny, batched, device, args.warmup, args.repeats, profiled=False)[1]
     columns = {
         "parameters": params,
         "ms per step": 1e3 * seconds,
