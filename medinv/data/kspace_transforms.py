@@ -262,8 +262,8 @@ class RandKSpaceSharpend(RandomizableTransform, MapTransform):
     than train on an inconsistent pair.
 
     Args:
-        keys: k-space key(s): a slice ``([C,] H, W)`` or slab ``(S, [C,] H, W)``, before
-            undersampling.
+        keys: the k-space key, one (the target follows one k-space): a slice
+            ``([C,] H, W)`` or slab ``(S, [C,] H, W)``, before undersampling.
         multicoil: whether the k-space has a coil axis (third from last).
         target_key: the target ``([S,] h, w)``.
         prob: share of items augmented.
@@ -286,6 +286,10 @@ class RandKSpaceSharpend(RandomizableTransform, MapTransform):
             raise ValueError(f"max_strength must be non-negative, got {max_strength}")
         RandomizableTransform.__init__(self, prob)
         MapTransform.__init__(self, keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(
+                f"one k-space key, whose target is recomputed, got {len(self.keys)}: {self.keys}"
+            )
         self.multicoil, self.target_key, self.max_strength = multicoil, target_key, max_strength
         self.strength = 0.0
 

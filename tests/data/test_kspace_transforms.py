@@ -276,3 +276,5 @@ def test_sharpening_refuses_a_target_it_cannot_recompute() -> None:
         RandKSpaceSharpend("kspace", True, prob=1.0)(item)
     with pytest.raises(ValueError, match="max_strength"):
         RandKSpaceSharpend("kspace", True, max_strength=-1.0)
+    with pytest.raises(ValueError, match="one k-space key"):
+        RandKSpaceSharpend(["kspace", "kspace_2"], True)
