@@ -82,18 +82,18 @@ def profile(fn: Callable[[], None], device: torch.device, repeats: int):
             fn()
         synchronize(device)
         wall = (time.perf_counter() - start) / repeats
-    rows = {}
+    rows = []
     for event in prof.key_averages():
-        host = event.self_cpu_time_total / 1e3 / repeats
         own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if event.key in WAITS:
             own = event.self_cpu_time_total  # host time spent in the call
-        rows[event.key] = {
-            "calls": event.count / repeats,
-            "ms": own / 1e3 / repeats,
-            "host_ms": host,
-        }
-    table = pd.DataFrame.from_dict(rows, orient="index", columns=["calls", "ms", "host_ms"])
+        rows.append((event.key, event.count, own, event.self_cpu_time_total))
+    # key_averages keeps one entry per key and device type (a record_function range shows
+    # on the CPU and, on CUDA, as a GPU annotation): sum them per key.
+    table = pd.DataFrame(rows, columns=["key", "calls", "ms", "host_ms"]).groupby("key").sum()
+    table[["ms", "host_ms"]] /= 1e3
+    table /= repeats
+    table.index.name = None
     return prof, table, wall
 
 
